@@ -84,7 +84,7 @@ def chain_constants(betas):
         betas=betas, log_betas=np.log(betas), abar=abar, abar_prev=abar_prev,
         sqrt_abar=np.sqrt(abar), sqrt_1m_abar=np.sqrt(1.0 - abar),
         sqrt_recip_abar=np.sqrt(1.0 / abar), sqrt_recipm1_abar=np.sqrt(1.0 / abar - 1.0),
-        post_var=post_var,
+        post_var=post_var, snr=abar / (1.0 - abar),                            # SNR_t = abar / (1 - abar)
         post_logvar_clipped=np.log(np.append(post_var[1], post_var[1:])),      # beta~_0 = 0: use beta~_1
         logvar_large=np.log(np.append(post_var[1], betas[1:])),                 # sigma_t^2 = beta_t (ADM 'fixed large')
         post_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),                   # x_0 coefficient, Eq. 7
@@ -248,7 +248,7 @@ class GaussianDiffusion:
         C = x.shape[1]
         mse = mean_flat((noise - out[:, :C].float()) ** 2)                     # L_simple, DDPM Eq. 14
         if self.mse_weight == "min_snr_5":                                    # MDTv2: min(SNR, 5) / SNR
-            snr = self.gather(self.base, "abar", t, x).view(-1) / (1 - self.gather(self.base, "abar", t, x).view(-1))
+            snr = self.gather(self.base, "snr", t, x).view(-1)
             mse = mse * snr.clamp(max=5.0) / snr
         terms = dict(mse=mse, loss=mse)
         if self.learn_sigma:

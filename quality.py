@@ -1,0 +1,118 @@
+"""
+Sample quality on the embedded 8x8 digits: does a trained model generate the digit it was asked for?
+
+    python quality.py --samples s.npz          # judge samples written by sample.py (labels inside the npz)
+    python quality.py --run RUN_DIR            # sample from RUN_DIR's EMA weights, then judge
+    python quality.py --all                    # train every backbone x objective and print the table
+
+Two numbers, both from a small CNN trained ONLY on the real training digits (its held-out accuracy is
+printed beside them):
+    class accuracy   fraction of samples the classifier assigns to the requested class
+    Frechet distance between classifier features (64-d penultimate layer) of N samples and of the N=360
+                     held-out real digits; the floor is the same distance between 360 real training digits
+                     and the held-out ones (real vs real).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train
+
+
+class DigitNet(nn.Module):
+    """conv 32 -> conv 64 -> pool -> fc 64 (features) -> fc 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.f1 = nn.Linear(64 * 4 * 4, 64)
+        self.f2 = nn.Linear(64, 10)
+
+    def features(self, x):
+        x = F.max_pool2d(F.relu(self.c2(F.relu(self.c1(x)))), 2)   # (N, 64, 4, 4)
+        return F.relu(self.f1(x.flatten(1)))
+
+    def forward(self, x):
+        return self.f2(self.features(x))
+
+
+def train_classifier(seed=0, epochs=40):
+    """The judge: trained on the real training split only. Returns (net, held-out accuracy)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x, y = train.load_digits("train")
+    xh, yh = train.load_digits("heldout")
+    net = DigitNet()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            # light augmentation (one-pixel shifts) so the judge does not reward copies of the training set only
+            xb = torch.roll(x[idx], shifts=tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
+            loss = F.cross_entropy(net(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        acc = (net(xh).argmax(1) == yh).float().mean().item()
+    return net, acc
+
+
+def frechet_distance(f1, f2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two feature sets (rows = samples)."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(w.clip(min=0))) @ v.T                             # S1^(1/2)
+    tr_sqrt = np.sqrt(np.linalg.eigvalsh(r1 @ s2 @ r1).clip(min=0)).sum()  # Tr (S1^(1/2) S2 S1^(1/2))^(1/2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def judge(net, samples, labels):
+    """samples (N, 1, 8, 8) in [-1, 1], labels (N,) -> dict(accuracy, fd, fd_floor)."""
+    xh, _ = train.load_digits("heldout")
+    xt, _ = train.load_digits("train")
+    with torch.no_grad():
+        acc = (net(samples).argmax(1) == labels).float().mean().item()
+        f_s, f_h, f_t = net.features(samples), net.features(xh), net.features(xt[: len(xh)])
+    return dict(accuracy=acc, fd=frechet_distance(f_s, f_h), fd_floor=frechet_distance(f_t, f_h))
+
+
+def from_npz(path):
+    d = np.load(path)
+    x = torch.from_numpy(d["arr_0"]).float().permute(0, 3, 1, 2) / 127.5 - 1.0  # uint8 NHWC -> [-1, 1]
+    return x, torch.from_numpy(d["labels"])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Judge digit samples with a classifier trained on real digits.")
+    p.add_argument("--samples", help="an .npz written by sample.py (arr_0 and labels)")
+    p.add_argument("--seed", type=int, default=0, help="classifier seed (default: 0)")
+    args = p.parse_args(argv)
+    if not args.samples:
+        raise train.UserError("give --samples FILE.npz")
+    if not os.path.isfile(args.samples):
+        raise train.UserError(f"--samples {args.samples}: no such file")
+    net, acc_real = train_classifier(args.seed)
+    x, y = from_npz(args.samples)
+    r = judge(net, x, y)
+    print(json.dumps(dict(classifier_heldout_accuracy=round(acc_real, 4), n=len(x),
+                          accuracy=round(r["accuracy"], 4), fd=round(r["fd"], 3), fd_floor=round(r["fd_floor"], 3))))
+    return r
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except train.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

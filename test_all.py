@@ -1,0 +1,323 @@
+"""Tests (CPU, a few minutes): python -m pytest -q test_all.py"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm
+import dit
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(2)
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def meta_model(registry, name, **kw):
+    with torch.device("meta"):
+        return registry[name](**kw)
+
+
+def run_cli(script, *args, timeout=600):
+    """Run a script as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE)
+
+
+# ===================================================================================================
+# dit.py
+# ===================================================================================================
+
+DIT_PARAMS_256 = {  # official counts at input_size 32, learn_sigma (fact sheet 1.9, from the official code)
+    "DiT-S/8": 33_148_160, "DiT-S/4": 32_945_024, "DiT-S/2": 32_963_360,
+    "DiT-B/8": 130_881_536, "DiT-B/4": 130_475_648, "DiT-B/2": 130_512_416,
+    "DiT-L/8": 458_594_816, "DiT-L/4": 458_053_760, "DiT-L/2": 458_102_816,
+    "DiT-XL/8": 675_683_072, "DiT-XL/4": 675_074_432, "DiT-XL/2": 675_129_632,
+}
+
+
+@pytest.mark.parametrize("name", list(DIT_PARAMS_256))
+def test_dit_param_counts(name):
+    assert count(meta_model(dit.DiT_models, name, input_size=32)) == DIT_PARAMS_256[name]
+
+
+def test_dit_xl2_512_param_count():
+    assert count(meta_model(dit.DiT_models, "DiT-XL/2", input_size=64)) == 676_014_368
+
+
+def test_dit_xl2_state_dict_keys_and_shapes():
+    sd = meta_model(dit.DiT_models, "DiT-XL/2", input_size=32).state_dict()
+    assert len(sd) == 292
+    expect = {
+        "pos_embed": (1, 256, 1152), "x_embedder.proj.weight": (1152, 4, 2, 2), "x_embedder.proj.bias": (1152,),
+        "t_embedder.mlp.0.weight": (1152, 256), "t_embedder.mlp.2.weight": (1152, 1152),
+        "y_embedder.embedding_table.weight": (1001, 1152), "blocks.27.attn.qkv.weight": (3456, 1152),
+        "blocks.0.attn.proj.weight": (1152, 1152), "blocks.0.mlp.fc1.weight": (4608, 1152),
+        "blocks.0.mlp.fc2.weight": (1152, 4608), "blocks.0.adaLN_modulation.1.weight": (6912, 1152),
+        "final_layer.linear.weight": (32, 1152), "final_layer.adaLN_modulation.1.weight": (2304, 1152),
+    }
+    for k, shape in expect.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert not any("norm" in k for k in sd)  # LayerNorms have no affine parameters
+
+
+def test_timestep_embedding_golden():
+    e = dit.timestep_embedding(torch.tensor([0.0, 500.0]), 256)
+    assert torch.all(e[0, :128] == 1) and torch.all(e[0, 128:] == 0)  # [cos, sin] at t=0
+    gold = {0: -0.88384926, 1: 0.94594574, 127: 0.99855685, 128: -0.46777180, 255: 0.05370453}
+    for i, v in gold.items():
+        assert abs(e[1, i].item() - v) < 1e-5
+
+
+def test_pos_embed_golden():
+    pe = dit.sincos_pos_embed_2d(1152, 16)
+    assert abs(pe.sum() - 134598.94780388544) < 1e-6
+    np.testing.assert_allclose(pe[18, [0, 288, 576, 864]], [0.90929743, -0.41614684, 0.84147098, 0.54030231], atol=1e-7)
+    np.testing.assert_allclose(pe[16, [0, 288, 576, 864]], [0, 1, 0.84147098, 0.54030231], atol=1e-7)
+
+
+def test_sdpa_equals_explicit_attention():
+    torch.manual_seed(0)
+    attn = dit.Attention(64, 4)
+    x = torch.randn(3, 10, 64)
+    q, k, v = attn.qkv(x).reshape(3, 10, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    ref = attn.proj(dit.attention_reference(q, k, v).transpose(1, 2).reshape(3, 10, 64))
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def tiny_dit(out_channels=2, **kw):
+    return dit.DiT_models["DiT-Tiny/2"](input_size=8, in_channels=1, out_channels=out_channels, num_classes=10, **kw)
+
+
+def test_dit_zero_init_and_shapes():
+    torch.manual_seed(0)
+    m = tiny_dit().eval()
+    out = m(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 500, 999]), torch.tensor([0, 1, 9, 10]))
+    assert out.shape == (4, 2, 8, 8) and out.abs().max() == 0
+    m4 = dit.DiT_models["DiT-S/8"](input_size=32, out_channels=4)
+    assert m4(torch.randn(1, 4, 32, 32), torch.tensor([3]), torch.tensor([1000])).shape == (1, 4, 32, 32)
+
+
+def test_dit_unpatchify_layout():
+    """Each token's vector is (p_row, p_col, channel), channel fastest (fact sheet 1.7)."""
+    m = tiny_dit(out_channels=3)
+    T, p = 16, 2
+    tok = torch.arange(T * p * p * 3, dtype=torch.float32).reshape(1, T, p * p * 3)
+    img = m.unpatchify(tok)  # (1, 3, 8, 8)
+    # token 5 = row 1, col 1 -> pixels rows 2..3, cols 2..3; value index = ((pr * p) + pc) * 3 + c
+    for pr in range(2):
+        for pc in range(2):
+            for c in range(3):
+                assert img[0, c, 2 + pr, 2 + pc] == tok[0, 5, (pr * p + pc) * 3 + c]
+
+
+def test_label_dropout_only_in_training():
+    m = tiny_dit()
+    torch.manual_seed(0)
+    y = torch.zeros(2000, dtype=torch.long)
+    m.train()
+    emb = m.y_embedder(y)
+    null = m.y_embedder.embedding_table.weight[10]
+    frac = (emb == null).all(1).float().mean().item()
+    assert 0.07 < frac < 0.13
+    m.eval()
+    assert not (m.y_embedder(y) == null).all(1).any()
+    assert m.y_embedder.embedding_table.weight.shape[0] == 11
+    assert tiny_dit(class_dropout_prob=0.0).y_embedder.embedding_table.weight.shape[0] == 10
+
+
+def test_dit_rejects_wrong_input_size():
+    with pytest.raises(ValueError):
+        tiny_dit()(torch.randn(1, 1, 16, 16), torch.tensor([1]), torch.tensor([1]))
+    with pytest.raises(ValueError):
+        dit.DiT(input_size=9, patch_size=2)
+
+
+# ===================================================================================================
+# ddpm.py
+# ===================================================================================================
+
+def test_ddpm_constants_golden():
+    c = ddpm.GaussianDiffusion().base
+    assert abs(c["abar"][999] - 4.035829765e-05) < 1e-13
+    assert abs(c["post_logvar_clipped"][0] - (-9.816725135)) < 1e-8
+    assert abs(c["post_logvar_clipped"][10] - (-8.260755607)) < 1e-8
+    assert abs(c["post_logvar_clipped"][500] - (-4.60004974)) < 1e-7
+    assert abs(c["abar"][500] - 0.07779665837) < 1e-10
+    assert abs(c["betas"][1] - 1.199199199e-4) < 1e-12
+
+
+def test_respacing_matches_official():
+    kept = ddpm.space_timesteps(1000, 250)
+    assert len(kept) == 250 and kept[:4] == [0, 4, 8, 12] and kept[-3:] == [991, 995, 999]
+    assert ddpm.space_timesteps(1000, 100)[:3] == [0, 10, 20] and ddpm.space_timesteps(1000, 100)[-2:] == [989, 999]
+    assert ddpm.space_timesteps(1000, 50)[:5] == [0, 20, 41, 61, 82]
+    assert ddpm.space_timesteps(1000, "ddim250") == list(range(0, 1000, 4))
+    # respaced betas from abar ratios; with no respacing they equal the linear betas
+    _, c = ddpm.GaussianDiffusion().respaced(1000)
+    np.testing.assert_allclose(c["betas"], np.linspace(1e-4, 0.02, 1000), atol=1e-15)
+    _, c250 = ddpm.GaussianDiffusion().respaced(250)
+    assert abs(c250["betas"][0] - 1e-4) < 1e-12 and abs(c250["betas"][1] - 5.99e-4) < 2e-6
+
+
+@pytest.mark.parametrize("t,loss,mse,vb", [
+    ([0, 500], [2.70188451, 0.78515083], [0.63804477, 0.77895612], [2.06383967, 0.00619470]),
+    ([999, 10], [0.64743805, 0.86376417], [0.63804477, 0.77895612], [0.00939325, 0.08480804]),
+])
+def test_hybrid_loss_golden(t, loss, mse, vb):
+    """Fact sheet A.2: values produced by the official DiT/ADM diffusion code."""
+    x0 = (2 * torch.arange(32.0) / 31 - 1).reshape(2, 4, 2, 2)
+    noise = torch.cos(torch.arange(32.0)).reshape(2, 4, 2, 2)
+    out = (0.5 * torch.sin(torch.arange(64.0))).reshape(2, 8, 2, 2)
+    terms = ddpm.GaussianDiffusion().loss(lambda x, t, y: out, x0, None, t=torch.tensor(t), noise=noise)
+    np.testing.assert_allclose(terms["loss"].numpy(), loss, atol=2e-6)
+    np.testing.assert_allclose(terms["mse"].numpy(), mse, atol=2e-6)
+    np.testing.assert_allclose(terms["vb"].numpy(), vb, atol=2e-6)
+
+
+def test_hybrid_loss_stop_gradient():
+    """The VLB term reaches only the variance channels; the MSE only the eps channels."""
+    out = torch.randn(2, 8, 2, 2, requires_grad=True)
+    x0, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    D = ddpm.GaussianDiffusion()
+    D.loss(lambda x, t, y: out, x0, None, t=torch.tensor([3, 700]), noise=noise)["vb"].sum().backward()
+    assert out.grad[:, :4].abs().max() == 0 and out.grad[:, 4:].abs().max() > 0
+
+
+def test_min_snr_weight():
+    D = ddpm.GaussianDiffusion(mse_weight="min_snr_5")
+    out = torch.randn(3, 8, 2, 2)
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 100, 500])
+    w = D.loss(lambda x, t, y: out, x0, None, t=t, noise=noise)["mse"] / ddpm.GaussianDiffusion().loss(
+        lambda x, t, y: out, x0, None, t=t, noise=noise)["mse"]
+    abar = D.base["abar"][[0, 100, 500]]
+    snr = abar / (1 - abar)
+    np.testing.assert_allclose(w.numpy(), np.minimum(snr, 5) / snr, rtol=1e-5)
+    assert abs(w[0].item() - 0.0005) < 1e-4 and abs(w[2].item() - 1.0) < 1e-6
+
+
+class ToyEps(torch.nn.Module):
+    """A fixed smooth function of (x, t, y) that follows the backbone contract."""
+
+    def __init__(self, out_channels=8, num_classes=10):
+        super().__init__()
+        self.num_classes, self.out_channels = num_classes, out_channels
+        self.w = torch.nn.Parameter(torch.randn(out_channels, 4, generator=torch.Generator().manual_seed(0)) * 0.3)
+
+    def forward(self, x, t, y):
+        h = torch.einsum("oc,nchw->nohw", self.w, torch.tanh(x))
+        return h * (1 + 0.001 * t.float().view(-1, 1, 1, 1)).cos() + 0.1 * y.float().view(-1, 1, 1, 1) / self.num_classes
+
+
+def test_cfg_scale_one_equals_conditional():
+    m = ToyEps()
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([5, 6]), torch.tensor([1, 2])
+    torch.testing.assert_close(ddpm.guided_model(m, x, t, y, 1.0), m(x, t, y))
+    g = ddpm.guided_model(m, x, t, y, 3.0)
+    cond, unc = m(x, t, y), m(x, t, torch.full_like(y, 10))
+    torch.testing.assert_close(g[:, :4], unc[:, :4] + 3 * (cond[:, :4] - unc[:, :4]))
+    torch.testing.assert_close(g[:, 4:], cond[:, 4:])          # the variance channels are not guided
+    g3 = ddpm.guided_model(m, x, t, y, 3.0, cfg_channels=3)      # the official 3-channel quirk
+    torch.testing.assert_close(g3[:, 3:], cond[:, 3:])
+    torch.testing.assert_close(g3[:, :3], g[:, :3])
+
+
+def test_power_cosine_guidance_schedule():
+    """MDT's worked values for cfg 3.8, pow 4 (fact sheet uvit_mdt 3.4): 1.00 at t=999/750, 1.03 at 500,
+    1.38 at 300, 2.01 at 200, 3.06 at 100, 3.8 at 0."""
+    for t, w in [(999, 1.0), (750, 1.0), (500, 1.03), (300, 1.38), (200, 2.01), (100, 3.06), (0, 3.8)]:
+        assert abs(ddpm.guidance_weight(3.8, t / 1000, scale_pow=4) - w) < 0.006, t
+    assert ddpm.guidance_weight(4.0, 0.9, interval=(0.0, 0.7)) == 1.0
+    assert ddpm.guidance_weight(4.0, 0.5, interval=(0.0, 0.7)) == 4.0
+
+
+def test_ddpm_sampling_seeded_and_finite():
+    D = ddpm.GaussianDiffusion()
+    m = ToyEps()
+    z, y = torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
+    for sampler, steps in [("ddpm", 20), ("ddim", 20), ("dpm++", 10)]:
+        torch.manual_seed(3)
+        a = D.sample(m, z, y, steps=steps, sampler=sampler, cfg_scale=2.0)
+        torch.manual_seed(3)
+        b = D.sample(m, z, y, steps=steps, sampler=sampler, cfg_scale=2.0)
+        assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_dpmpp_converges_to_fine_ddim():
+    """DPM-Solver++(2M) and DDIM solve the same probability-flow ODE: with many steps they agree, and
+    DPM-Solver++ at 25 steps is much closer to the fine solution than DDIM at 25 steps."""
+    D = ddpm.GaussianDiffusion(learn_sigma=False)
+    m = ToyEps(out_channels=4)
+    z, y = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2, 3, 4])
+    ref = D.sample(m, z, y, steps=1000, sampler="ddim")
+    fine = D.sample(m, z, y, steps=500, sampler="dpm++")
+    coarse_dpm = D.sample(m, z, y, steps=25, sampler="dpm++")
+    coarse_ddim = D.sample(m, z, y, steps=25, sampler="ddim")
+    err = lambda a: (a - ref).abs().max().item() / ref.abs().max().item()   # relative to the sample scale
+    assert err(fine) < 3e-4
+    assert err(coarse_dpm) < 0.5 * err(coarse_ddim)
+
+
+def test_scaled_linear_schedule_and_offset():
+    b = ddpm.make_betas("scaled_linear")
+    abar = np.cumprod(1 - b)
+    assert abs(abar[0] - 0.99915) < 1e-6 and abs(abar[-1] - 0.004660) < 2e-6   # U-ViT's n=1 and n=1000
+    seen = []
+    D = ddpm.GaussianDiffusion(beta_schedule="scaled_linear", learn_sigma=False, timestep_offset=1)
+    D.loss(lambda x, t, y: seen.append(t) or torch.zeros_like(x), torch.zeros(2, 4, 2, 2), None, t=torch.tensor([0, 999]))
+    assert seen[0].tolist() == [1, 1000]
+
+
+# ===================================================================================================
+# Training contract: a step for every backbone x objective, overfitting, resume, CLI
+# ===================================================================================================
+
+def objectives():
+    out = {"ddpm": ddpm.GaussianDiffusion()}
+    try:
+        import sit
+        out["sit"] = sit.Transport()
+    except ImportError:
+        pass
+    return out
+
+
+def test_overfit_one_batch_ddpm():
+    """DiT + ddpm drives the loss on one fixed batch (fixed t and noise) far below its start."""
+    torch.manual_seed(0)
+    x, y = train.load_digits("train")
+    x, y = x[:16], y[:16]
+    D = ddpm.GaussianDiffusion()
+    m = tiny_dit()
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+    t = torch.randint(0, 1000, (16,))
+    noise = torch.randn_like(x)
+    losses = []
+    for _ in range(150):
+        loss = D.loss(m, x, y, t=t, noise=noise)["mse"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_checkpoint_helpers(tmp_path):
+    sd = {"module._orig_mod.a.weight": torch.ones(1), "_orig_mod.b": torch.zeros(1)}
+    assert set(train.clean_state_dict(sd)) == {"a.weight", "b"}
+    p = tmp_path / "c.pt"
+    train.save_atomic(dict(x=torch.arange(3), args=dict(a=1)), str(p))
+    assert torch.load(p, weights_only=True)["x"].tolist() == [0, 1, 2]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    p.write_bytes(p.read_bytes()[:20])                     # truncated file
+    with pytest.raises(train.UserError, match="cannot read checkpoint"):
+        train.load_checkpoint(str(p))

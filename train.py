@@ -1,0 +1,614 @@
+"""
+Train any backbone (dit, unet_vit, mdt, diffit) with any objective (ddpm, sit).
+
+    python train.py                                   # DiT-Tiny/2 + ddpm on the embedded 8x8 digits, CPU, minutes
+    python train.py --model mdt --objective sit       # MDT with mask latent modeling, SiT objective
+    torchrun --nproc_per_node 8 train.py --data LATENT_DIR --model dit --size DiT-XL/2   # ImageNet latents
+
+Reads top to bottom: arguments -> setup (device, DDP, seeds) -> data -> model + objective -> loop.
+The loop: draw a global batch, compute the objective's per-sample loss (plus, for backbones that train
+with masking, the same loss on the masked input, MDT Sec. 3.3), AdamW step, EMA update, log, sample
+grids, checkpoints. Checkpoints are plain data (tensors, numbers, strings) written atomically.
+"""
+import argparse
+import copy
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# backbone family -> (module, registry name, default size for small data, default size for latents)
+FAMILIES = {
+    "dit": ("dit", "DiT_models", "DiT-Tiny/2", "DiT-XL/2"),
+    "unet_vit": ("unet_vit", "UViT_models", "U-ViT-Tiny/2", "U-ViT-H/2"),
+    "mdt": ("mdt", "MDT_models", "MDTv2-Tiny/2", "MDTv2-XL/2"),
+    "diffit": ("diffit", "DiffiT_models", "DiffiT-Tiny/2", "DiffiT-XL/2"),
+}
+OBJECTIVES = ("ddpm", "sit")
+SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm++"), "sit": ("ode-euler", "ode-heun", "ode-dopri5", "sde-euler", "sde-heun")}
+DEFAULT_SAMPLER = {"ddpm": "ddpm", "sit": "sde-euler"}
+# Presets: the official recipe for real data; a fast one for the embedded digits (so a CPU run takes minutes)
+PRESETS = {
+    "official": dict(lr=1e-4, ema=0.9999, batch_size=256, steps=400_000, log_every=100, sample_every=10_000,
+                     ckpt_every=50_000, sample_steps=250),
+    "digits": dict(lr=1e-3, ema=0.995, batch_size=128, steps=2000, log_every=100, sample_every=500,
+                   ckpt_every=1000, sample_steps=50),
+}
+
+
+class UserError(Exception):
+    """A mistake in the command line or the inputs: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------
+
+def add_model_args(p):
+    p.add_argument("--model", default="dit", help=f"backbone family: {', '.join(FAMILIES)} (default: dit)")
+    p.add_argument("--size", default=None, help="config name from the family's registry, e.g. DiT-XL/2 "
+                   "(default: the family's Tiny config on digits/small images, its XL config on latents)")
+    p.add_argument("--objective", default="ddpm", help=f"training objective: {', '.join(OBJECTIVES)} (default: ddpm)")
+    p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance (default: 0.1)")
+    # ddpm
+    p.add_argument("--beta-schedule", default="linear", help="ddpm: linear (DiT), scaled_linear (U-ViT), cosine (default: linear)")
+    p.add_argument("--no-learn-sigma", action="store_true", help="ddpm: predict eps only with fixed variance (default: learned sigma, DiT)")
+    p.add_argument("--timestep-offset", type=int, default=0, help="ddpm: added to t before the backbone (1 for U-ViT checkpoints; default 0)")
+    p.add_argument("--min-snr", action="store_true", help="ddpm: weight the MSE by min(SNR,5)/SNR (MDTv2)")
+    # sit
+    p.add_argument("--path-type", default="Linear", help="sit: Linear, GVP or VP (default: Linear)")
+    p.add_argument("--prediction", default="velocity", help="sit: velocity, score or noise (default: velocity)")
+    p.add_argument("--loss-weight", default=None, help="sit: none, velocity or likelihood (default: none)")
+    p.add_argument("--train-eps", type=float, default=None, help="sit: training time interval margin (default: the official rule)")
+    p.add_argument("--sample-eps", type=float, default=None, help="sit: sampling time interval margin (default: the official rule)")
+
+
+def add_sampling_args(p):
+    p.add_argument("--sampler", default=None, help="ddpm: ddpm, ddim, dpm++; sit: ode-euler, ode-heun, ode-dopri5, "
+                   "sde-euler, sde-heun (default: ddpm / sde-euler, the papers' samplers)")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default: 250 official, 50 on digits)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale w, 1 = off (default: 4.0 for grids)")
+    p.add_argument("--cfg-channels", type=int, default=None, help="guide only the first K channels (3 = the official DiT/MDT quirk; default: all)")
+    p.add_argument("--scale-pow", type=float, default=None, help="power-cosine guidance schedule exponent (MDT/DiffiT use 4; default: constant)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="apply guidance only for noise levels tau in [LO, HI] (tau=1 is pure noise; default: always)")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train a Diffusion Transformer (any backbone x any objective).")
+    add_model_args(p)
+    p.add_argument("--data", default="digits", help="'digits' (embedded 8x8 digits, default), a folder of class "
+                   "subfolders of images, or a latent folder made by extract_latents.py")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: 8 for digits, 32 for folders)")
+    p.add_argument("--results-dir", default="runs", help="parent folder of run directories (default: runs)")
+    p.add_argument("--resume", default=None, help="checkpoint file or run directory to continue from (uses its last.pt)")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: 2000 digits, 400000 official)")
+    p.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch size over all processes (default: 128 digits, 256 official)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default: 1e-3 digits, 1e-4 official)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0, official)")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the global grad norm to this value, 0 = off (default: 0, official)")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay (default: 0.995 digits, 0.9999 official)")
+    p.add_argument("--mask-ratio", type=float, default=0.3, help="masking backbones (mdt): mask ratio, 0 = no masked pass (default: 0.3)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (TF32 matmuls on GPU) or bf16 autocast (default: fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
+    p.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
+    p.add_argument("--log-every", type=int, default=None, help="log every N steps (default: 100)")
+    p.add_argument("--sample-every", type=int, default=None, help="write an EMA sample grid every N steps, 0 = never (default: 500 digits)")
+    p.add_argument("--ckpt-every", type=int, default=None, help="keep a periodic checkpoint every N steps (default: 1000 digits, 50000)")
+    p.add_argument("--skip-nonfinite", action="store_true", help="skip steps whose loss is NaN/inf (counted) instead of stopping")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    add_sampling_args(p)
+    return p
+
+
+def resolve_args(args, preset):
+    """Fill unset flags from the preset and check the combination; UserError on a bad one."""
+    for k, v in PRESETS[preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.model not in FAMILIES:
+        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(FAMILIES)}")
+    if args.objective not in OBJECTIVES:
+        raise UserError(f"unknown --objective {args.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if args.sampler is None:
+        args.sampler = DEFAULT_SAMPLER[args.objective]
+    if args.sampler not in SAMPLERS[args.objective]:
+        raise UserError(f"sampler {args.sampler!r} does not fit --objective {args.objective}; choose one of "
+                        f"{', '.join(SAMPLERS[args.objective])}")
+    if args.cfg_scale is None:
+        args.cfg_scale = 4.0
+    for name in ("steps", "batch_size", "log_every", "sample_steps"):
+        if getattr(args, name, None) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("sample_every", "ckpt_every"):
+        if getattr(args, name, 0) is not None and getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+    if hasattr(args, "lr") and args.lr is not None and args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if hasattr(args, "ema") and args.ema is not None and not 0 <= args.ema < 1:
+        raise UserError(f"--ema must be in [0, 1), got {args.ema}")
+    if not 0 <= args.class_dropout < 1:
+        raise UserError(f"--class-dropout must be in [0, 1), got {args.class_dropout}")
+    if args.cfg_scale != 1 and args.class_dropout == 0:
+        raise UserError("guidance (--cfg-scale != 1) needs a model trained with label dropout; "
+                        "set --cfg-scale 1 or --class-dropout > 0")
+    if hasattr(args, "mask_ratio") and not 0 <= args.mask_ratio < 1:
+        raise UserError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and objective (shared with sample.py)
+# ---------------------------------------------------------------------------------------------------
+
+def registry(family):
+    module, reg, _, _ = FAMILIES[family]
+    try:
+        return getattr(importlib.import_module(module), reg)
+    except ImportError as e:
+        raise UserError(f"backbone family {family!r} is not available ({e})")
+
+
+def build_objective(cfg):
+    """cfg: the 'objective' dict stored in checkpoints."""
+    if cfg["name"] == "ddpm":
+        import ddpm
+        return ddpm.GaussianDiffusion(beta_schedule=cfg["beta_schedule"], learn_sigma=cfg["learn_sigma"],
+                                      timestep_offset=cfg["timestep_offset"],
+                                      mse_weight="min_snr_5" if cfg.get("min_snr") else None)
+    import sit
+    return sit.Transport(path_type=cfg["path_type"], prediction=cfg["prediction"], loss_weight=cfg["loss_weight"],
+                         train_eps=cfg["train_eps"], sample_eps=cfg["sample_eps"])
+
+
+def objective_config(args):
+    if args.objective == "ddpm":
+        if args.beta_schedule not in ("linear", "scaled_linear", "cosine"):
+            raise UserError(f"unknown --beta-schedule {args.beta_schedule!r}; choose linear, scaled_linear, cosine")
+        return dict(name="ddpm", beta_schedule=args.beta_schedule, learn_sigma=not args.no_learn_sigma,
+                    timestep_offset=args.timestep_offset, min_snr=args.min_snr)
+    weight = None if args.loss_weight in (None, "none", "None") else args.loss_weight
+    if args.path_type not in ("Linear", "GVP", "VP"):
+        raise UserError(f"unknown --path-type {args.path_type!r}; choose Linear, GVP, VP")
+    if args.prediction not in ("velocity", "score", "noise"):
+        raise UserError(f"unknown --prediction {args.prediction!r}; choose velocity, score, noise")
+    if weight not in (None, "velocity", "likelihood"):
+        raise UserError(f"unknown --loss-weight {args.loss_weight!r}; choose none, velocity, likelihood")
+    return dict(name="sit", path_type=args.path_type, prediction=args.prediction, loss_weight=weight,
+                train_eps=args.train_eps, sample_eps=args.sample_eps)
+
+
+def build_model(model_cfg):
+    """model_cfg: the 'model' dict stored in checkpoints (family, size and constructor kwargs)."""
+    reg = registry(model_cfg["family"])
+    if model_cfg["size"] not in reg:
+        raise UserError(f"unknown --size {model_cfg['size']!r} for {model_cfg['family']}; choose one of {', '.join(reg)}")
+    kwargs = {k: model_cfg[k] for k in ("input_size", "in_channels", "out_channels", "num_classes", "class_dropout_prob")}
+    try:
+        return reg[model_cfg["size"]](**kwargs)
+    except (ValueError, AssertionError) as e:
+        raise UserError(f"cannot build {model_cfg['size']} for {kwargs['in_channels']}x{kwargs['input_size']}x"
+                        f"{kwargs['input_size']} inputs: {e}")
+
+
+def sample_images(objective, model, z, y, objective_name, args, progress=False):
+    """Run the chosen sampler with the shared guidance flags; returns x (N, C, H, W)."""
+    g = dict(cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels, scale_pow=args.scale_pow,
+             guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None, progress=progress)
+    if objective_name == "ddpm":
+        return objective.sample(model, z, y, steps=args.sample_steps, sampler=args.sampler, **g)
+    method, solver = args.sampler.split("-")
+    return objective.sample(model, z, y, method=method, solver=solver, num_steps=args.sample_steps, **g)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: plain data, atomic writes, tolerant of DDP/compile prefixes
+# ---------------------------------------------------------------------------------------------------
+
+def clean_state_dict(sd):
+    """Strip the 'module.' (DDP) and '_orig_mod.' (torch.compile) prefixes."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        out[k.replace("._orig_mod.", ".").replace(".module.", ".")] = v
+    return out
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, flush it to disk, then rename over the target (atomic on POSIX):
+    a crash at any moment leaves either the old or the new file, never a truncated one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True; UserError for missing, truncated or foreign files."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoints", "last.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {str(e).splitlines()[0][:200]}")
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} does not hold a state dict or a checkpoint of this library")
+    return ckpt
+
+
+def load_weights(model, sd, what):
+    """Strict load with a one-line explanation of the first mismatches."""
+    sd = clean_state_dict(sd)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise UserError(f"{what} does not fit this model: {len(missing)} missing keys {missing[:2]}, "
+                        f"{len(unexpected)} unexpected {unexpected[:2]}, shape mismatches {shapes[:2]}")
+    model.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: everything in memory (digits, small image folders) or memory-mapped (latents)
+# ---------------------------------------------------------------------------------------------------
+
+def load_digits(split="train"):
+    """The 1,797 real 8x8 digits (UCI optdigits test set, as shipped by scikit-learn), scaled to [-1, 1].
+    A fixed 80/20 split: 'train' (1,437) and 'heldout' (360) for evaluation."""
+    d = np.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "digits.npz"))
+    x = torch.from_numpy(d["images"]).float().div(8.0).sub(1.0)[:, None]   # 0..16 -> [-1, 1], (1797, 1, 8, 8)
+    y = torch.from_numpy(d["labels"])
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
+    idx = perm[:1437] if split == "train" else perm[1437:]
+    return x[idx], y[idx]
+
+
+def load_image_folder(root, size, channels=None):
+    """Class-subfolder images -> (N, C, size, size) in [-1, 1] (center crop + resize); unreadable files are
+    skipped and counted. Returns x, y, class names."""
+    from PIL import Image
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise UserError(f"--data {root}: no class subfolders found (expected ROOT/CLASS/image.png)")
+    xs, ys, bad = [], [], 0
+    for ci, c in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(root, c))):
+            try:
+                with Image.open(os.path.join(root, c, f)) as im:
+                    im = im.convert("L" if channels == 1 else "RGB")
+                    s = min(im.size)
+                    left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
+                    im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+                    a = np.asarray(im, dtype=np.float32)
+            except Exception:
+                bad += 1
+                continue
+            xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+            ys.append(ci)
+    if not xs:
+        raise UserError(f"--data {root}: no readable images ({bad} unreadable files)")
+    if bad:
+        print(f"warning: skipped {bad} unreadable files in {root}")
+    x = torch.from_numpy(np.stack(xs)) / 127.5 - 1.0
+    return x, torch.tensor(ys), classes
+
+
+def load_data(args):
+    """-> dict(x, y, num_classes, input_size, in_channels, kind). x may be a memory-mapped array (latents)."""
+    if args.data == "digits":
+        x, y = load_digits("train")
+        return dict(x=x, y=y, num_classes=10, kind="digits")
+    if not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data}: no such folder (use 'digits', an image folder or a latent folder)")
+    meta_path = os.path.join(args.data, "meta.json")
+    if os.path.isfile(meta_path):  # latents written by extract_latents.py
+        meta = json.load(open(meta_path))
+        n = meta["num_done"] if "num_done" in meta else meta["num_images"]
+        if n == 0:
+            raise UserError(f"--data {args.data}: the latent folder is empty (extraction not started?)")
+        lat = np.load(os.path.join(args.data, "latents.npy"), mmap_mode="r")
+        lab = np.load(os.path.join(args.data, "labels.npy"), mmap_mode="r")
+        return dict(x=lat[:n], y=torch.from_numpy(np.array(lab[:n])), num_classes=meta["num_classes"], kind="latents",
+                    meta=meta)
+    x, y, classes = load_image_folder(args.data, args.image_size or 32)
+    return dict(x=x, y=y, num_classes=len(classes), kind="images", classes=classes)
+
+
+def get_batch(data, idx, flip, device):
+    """Rows idx of the data on the device; latents get horizontal flips where flip is True (see
+    extract_latents.py for why flipping the latent stands in for flipping the image)."""
+    if isinstance(data["x"], np.ndarray):        # memory-mapped latents: gather rows, pinned async copy
+        x = torch.from_numpy(data["x"][np.sort(idx.numpy())][np.argsort(np.argsort(idx.numpy()))])
+        x = (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True).float()
+    else:
+        x = data["x"][idx].to(device)
+    y = data["y"][idx].to(device)
+    if data["kind"] == "latents":
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x, y
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers for the loop
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, one fused foreach op over all parameters; buffers copied."""
+    ema_p = list(ema.parameters())
+    cur_p = list(model.parameters())
+    torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def save_grid(x, path, nrow):
+    """(N, C, H, W) in [-1, 1] -> a PNG grid (pixels upscaled x4 when images are tiny)."""
+    from PIL import Image
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    N, C, H, W = x.shape
+    rows = math.ceil(N / nrow)
+    grid = torch.zeros(C, rows * (H + 2) + 2, nrow * (W + 2) + 2, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        grid[:, 2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = x[i]
+    a = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(a[..., 0] if C == 1 else a[..., :3])
+    if H <= 32:
+        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+    img.save(path)
+
+
+def next_run_dir(results_dir, name):
+    """results/NNN-name, with NNN one more than any existing run: a new run never reuses a folder."""
+    os.makedirs(results_dir, exist_ok=True)
+    nums = [int(d.split("-")[0]) for d in os.listdir(results_dir) if d.split("-")[0].isdigit()]
+    run = os.path.join(results_dir, f"{max(nums, default=-1) + 1:03d}-{name}")
+    os.makedirs(run)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    resume = load_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        if "args" not in resume or "model" not in resume or "opt" not in resume:
+            raise UserError(f"--resume {args.resume}: not a training checkpoint of this library "
+                            "(official weights can be sampled with sample.py, or fine-tuned with --init)")
+        saved = resume["args"]                       # the run's own settings win over the defaults ...
+        cli = sys.argv[1:] if argv is None else argv
+        given = {a.dest for a in get_parser()._actions if any(o in cli for o in a.option_strings)}
+        for k, v in saved.items():
+            if k not in given and k != "resume":
+                setattr(args, k, v)                  # ... unless set again on this command line
+    data_preset = "digits" if args.data == "digits" else "official"
+    args = resolve_args(args, data_preset)
+
+    # --- setup: device, DDP, seeds, precision -----------------------------------------------------
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if ddp:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)        # each process on its local GPU (multi-node safe)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the number of processes {world}")
+    local_bs = args.batch_size // world
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed * world + rank)      # per-rank stream for what happens inside the model
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+
+    # --- data ---------------------------------------------------------------------------------------
+    data = load_data(args)
+    N = len(data["y"])
+    if N < args.batch_size:
+        raise UserError(f"the data has {N} examples, fewer than --batch-size {args.batch_size}")
+    C, H = data["x"].shape[1], data["x"].shape[-1]
+    if int(data["y"].min()) < 0 or int(data["y"].max()) >= data["num_classes"]:
+        raise UserError(f"labels must be in [0, {data['num_classes']})")
+
+    # --- model, EMA, objective, optimizer -------------------------------------------------------------
+    obj_cfg = resume["config"]["objective"] if resume else objective_config(args)
+    objective = build_objective(obj_cfg)
+    size = args.size or FAMILIES[args.model][3 if data["kind"] == "latents" else 2]
+    model_cfg = resume["config"]["model"] if resume else dict(
+        family=args.model, size=size, input_size=H, in_channels=C, out_channels=objective.out_channels(C),
+        num_classes=data["num_classes"], class_dropout_prob=args.class_dropout)
+    if (model_cfg["input_size"], model_cfg["in_channels"]) != (H, C):
+        raise UserError(f"the checkpoint's model takes {model_cfg['in_channels']}x{model_cfg['input_size']}^2 "
+                        f"inputs but --data gives {C}x{H}^2")
+    model = build_model(model_cfg)
+    if args.grad_checkpointing and hasattr(model, "grad_checkpointing"):
+        model.grad_checkpointing = True
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    model.to(device).train()
+    ema.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay, fused=device.type == "cuda")
+    step, nonfinite = 0, 0
+    data_gen = torch.Generator(device).manual_seed(args.seed)  # shared by all ranks: t, noise, flips
+    if resume:
+        load_weights(model, resume["model"], "--resume model")
+        load_weights(ema, resume["ema"], "--resume ema")
+        opt.load_state_dict(resume["opt"])
+        for g in opt.param_groups:
+            g["lr"] = args.lr
+        step, nonfinite = resume["step"], resume.get("nonfinite", 0)
+        data_gen.set_state(resume["rng"]["data"])
+        states = resume["rng"]["torch"]
+        if len(states) == world:           # same layout: every rank continues its own stream exactly
+            (torch.cuda.set_rng_state(states[rank], device) if device.type == "cuda" else torch.set_rng_state(states[rank]))
+    masked = getattr(model, "trains_with_mask", False) and args.mask_ratio > 0
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    # --- run directory (rank 0 writes every file) --------------------------------------------------------
+    run_dir = None
+    if rank == 0:
+        if resume:
+            run_dir = resume["run_dir"] if os.path.isdir(resume.get("run_dir", "")) else \
+                os.path.dirname(os.path.dirname(os.path.abspath(args.resume if os.path.isfile(args.resume) else
+                                                                 os.path.join(args.resume, "checkpoints", "last.pt"))))
+        else:
+            run_dir = next_run_dir(args.results_dir, f"{args.model}-{size.replace('/', '_')}-{args.objective}")
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"run {run_dir}: {size} ({n_params:,} parameters) + {args.objective} on {args.data} "
+              f"({N} examples, {C}x{H}x{H}), {world} process(es) on {device.type}, {args.precision}"
+              + (f", resumed at step {step}" if resume else ""))
+        if masked:
+            print(f"masked pass on: mask ratio {args.mask_ratio} (logged as loss_masked)")
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+
+    # --- the loop ---------------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+    steps_per_epoch = N // args.batch_size
+    fixed_z = torch.randn(40 if data["kind"] == "digits" else 16, C, H, H, generator=torch.Generator().manual_seed(0))
+    fixed_y = (torch.arange(len(fixed_z)) % data["num_classes"]).to(device)
+    fixed_z = fixed_z.to(device)
+    log_sum = torch.zeros(2, device=device)       # running loss sums, read only at log time (no per-step sync)
+    first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, checked at log/ckpt time
+    log_n, t_log = 0, time.time()
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0 or args.no_progress, dynamic_ncols=True)
+    while step < args.steps:
+        # The global batch is a function of the step (epoch permutation) and of one generator that every rank
+        # shares (t, noise, flips), so each rank's slice is what one process would see: resume and DDP agree.
+        epoch, b = divmod(step, steps_per_epoch)
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        idx = perm[b * args.batch_size:(b + 1) * args.batch_size][rank * local_bs:(rank + 1) * local_bs]
+        t = draw_time(objective, args.batch_size, data_gen, device)[rank * local_bs:(rank + 1) * local_bs]
+        noise = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[rank * local_bs:(rank + 1) * local_bs]
+        flip = (torch.rand(args.batch_size, generator=data_gen, device=device) < 0.5)[rank * local_bs:(rank + 1) * local_bs]
+        if masked:
+            noise_m = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[rank * local_bs:(rank + 1) * local_bs]
+        x, y = get_batch(data, idx, flip, device)
+        with amp:
+            terms = objective.loss(train_model, x, y, t=t, noise=noise)
+            loss = terms["loss"].mean()
+            if masked:   # MDT Sec. 3.3: the same loss on the masked input (same x and t, fresh noise), weight 1:1
+                terms_m = objective.loss(train_model, x, y, t=t, noise=noise_m, model_kwargs=dict(mask_ratio=args.mask_ratio))
+                loss = loss + terms_m["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if args.skip_nonfinite and not torch.isfinite(loss):   # this flag costs one sync per step
+            nonfinite += 1
+            step += 1
+            bar.update(1)
+            continue
+        opt.step()
+        update_ema(ema, model, args.ema)
+        step += 1
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        log_sum += torch.stack([terms["loss"].detach().mean().float(),
+                                terms_m["loss"].detach().mean().float() if masked else log_sum.new_zeros(())])
+        log_n += 1
+        bar.update(1)
+
+        is_ckpt = step % args.ckpt_every == 0 or step == args.steps
+        if step % args.log_every == 0 or is_ckpt:
+            if ddp:
+                dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+            if first_bad.item() >= 0:
+                raise UserError(f"the loss became non-finite at step {first_bad.item()}; nothing was saved after it, "
+                                f"the last checkpoint in {run_dir or 'the run directory'} is intact (try --precision fp32, "
+                                f"--grad-clip 1, a lower --lr, or --skip-nonfinite)")
+        if step % args.log_every == 0 or step == args.steps:
+            if ddp:
+                dist.all_reduce(log_sum)
+                log_sum /= world
+            dt = time.time() - t_log
+            vals = (log_sum / max(log_n, 1)).tolist()
+            msg = (f"step {step:7d}  loss {vals[0]:.4f}" + (f"  loss_masked {vals[1]:.4f}" if masked else "")
+                   + f"  {log_n / dt:.2f} steps/s  {log_n * args.batch_size / dt:.1f} img/s"
+                   + (f"  nonfinite {nonfinite}" if nonfinite else ""))
+            if rank == 0:
+                bar.write(msg)
+                with open(os.path.join(run_dir, "log.txt"), "a") as f:
+                    f.write(msg + "\n")
+            log_sum.zero_()
+            log_n, t_log = 0, time.time()
+
+        if args.sample_every and (step % args.sample_every == 0 or step == args.steps) and rank == 0:
+            with amp:
+                xs = sample_images(objective, ema, fixed_z, fixed_y, args.objective, args)
+            save_grid(xs, os.path.join(run_dir, "samples", f"{step:07d}.png"), nrow=10 if data["kind"] == "digits" else 4)
+
+        if is_ckpt:
+            state = dict(model=clean_state_dict(model.state_dict()), ema=clean_state_dict(ema.state_dict()),
+                         opt=opt.state_dict(), step=step, nonfinite=nonfinite, args=vars(args), run_dir=run_dir,
+                         config=dict(model=model_cfg, objective=obj_cfg,
+                                     data=dict(kind=data["kind"], classes=data.get("classes"), meta=data.get("meta"))),
+                         rng=dict(data=data_gen.get_state(), torch=gather_rng(ddp, world, device)))
+            if rank == 0:
+                save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
+                if step % args.ckpt_every == 0:
+                    save_atomic(state, os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
+            if ddp:
+                dist.barrier()
+    bar.close()
+    if rank == 0:
+        print(f"done: {step} steps; checkpoints in {os.path.join(run_dir, 'checkpoints')}; "
+              f"samples in {os.path.join(run_dir, 'samples')}")
+    if ddp:
+        dist.destroy_process_group()
+    return run_dir
+
+
+def draw_time(objective, n, gen, device):
+    """Training times from the shared generator (so every rank agrees and resume replays them)."""
+    if hasattr(objective, "num_timesteps"):
+        return torch.randint(0, objective.num_timesteps, (n,), generator=gen, device=device)
+    t0, t1 = objective.train_interval()
+    return torch.rand(n, generator=gen, device=device) * (t1 - t0) + t0
+
+
+def gather_rng(ddp, world, device):
+    """Every rank's RNG state of its model-side randomness (label dropout, masks): the CPU generator, or the
+    CUDA one on GPU. Returned as a list indexed by rank."""
+    state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    if not ddp:
+        return [state]
+    out = [torch.zeros_like(state).to(device) for _ in range(world)]
+    dist.all_gather(out, state.to(device))
+    return [o.cpu() for o in out]
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        sys.exit(130)
