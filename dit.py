@@ -299,7 +299,7 @@ DiT_models = {
     "DiT-S/4": partial(DiT, patch_size=4, **_S),     # 32,945,024
     "DiT-S/8": partial(DiT, patch_size=8, **_S),     # 33,148,160
     # ours, not in the paper: for CPU runs on the 8x8 digits (16 tokens at p=2)
-    "DiT-Tiny/2": partial(DiT, patch_size=2, depth=6, hidden_size=192, num_heads=3),
+    "DiT-Tiny/2": partial(DiT, patch_size=2, depth=4, hidden_size=128, num_heads=4),
 }
 
 

@@ -138,7 +138,7 @@ def main(argv=None):
     for i in range(0, n, args.batch_size):
         with amp:
             x = train.sample_images(objective, model, z[i:i + args.batch_size].to(device), y[i:i + args.batch_size].to(device),
-                                    obj_name, args, progress=n <= args.batch_size)
+                                    obj_name, args, progress=sys.stderr.isatty())
         if kind == "latents":
             x = decode_latents(x.float(), args.vae, device)
         chunks.append(x.float().cpu())

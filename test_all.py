@@ -321,3 +321,150 @@ def test_checkpoint_helpers(tmp_path):
     p.write_bytes(p.read_bytes()[:20])                     # truncated file
     with pytest.raises(train.UserError, match="cannot read checkpoint"):
         train.load_checkpoint(str(p))
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py / sample.py as a user runs them
+# ---------------------------------------------------------------------------------------------------
+
+QUICK = ["--steps", "6", "--batch-size", "16", "--log-every", "1", "--sample-every", "0", "--no-progress",
+         "--sample-steps", "5"]
+
+
+def last_losses(run_dir):
+    return [line.split()[3] for line in open(os.path.join(run_dir, "log.txt"))]
+
+
+def test_train_sample_npz_end_to_end(tmp_path):
+    run = train.main(QUICK + ["--results-dir", str(tmp_path), "--sample-every", "6", "--ckpt-every", "3"])
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000003.pt", "0000006.pt", "last.pt"]
+    assert os.listdir(os.path.join(run, "samples")) == ["0000006.png"]
+    ck = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)   # plain data only
+    assert ck["step"] == 6 and ck["config"]["model"]["size"] == "DiT-Tiny/2"
+    import sample
+    out = sample.main(["--ckpt", run, "--out", str(tmp_path / "s.npz"), "--num-samples", "12", "--sample-steps", "5",
+                       "--batch-size", "8"])
+    d = np.load(out)
+    assert d["arr_0"].shape == (12, 8, 8, 1) and d["arr_0"].dtype == np.uint8 and d["labels"].dtype == np.int64
+    meta = json.load(open(tmp_path / "s.json"))
+    assert meta["sampler"] == "ddpm" and meta["steps"] == 5 and meta["labels"] == "random" and meta["ema"] is True
+    # seeded sampling is deterministic
+    out2 = sample.main(["--ckpt", run, "--out", str(tmp_path / "t.npz"), "--num-samples", "12", "--sample-steps", "5",
+                        "--batch-size", "8"])
+    assert np.array_equal(np.load(out2)["arr_0"], d["arr_0"])
+
+
+def test_resume_continues_the_same_trajectory(tmp_path):
+    """Bitwise on CPU in one process: 6 steps straight == 3 steps, stop, --resume, 3 more steps."""
+    run = train.main(QUICK + ["--results-dir", str(tmp_path), "--ckpt-every", "3"])
+    straight = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    losses = last_losses(run)
+    os.remove(os.path.join(run, "log.txt"))
+    train.main(["--resume", os.path.join(run, "checkpoints", "0000003.pt"), "--no-progress"])
+    resumed = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    assert resumed["step"] == 6
+    assert last_losses(run) == losses[3:]
+    for part in ("model", "ema"):
+        for k in straight[part]:
+            assert torch.equal(straight[part][k], resumed[part][k]), (part, k)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "vit"], "unknown --model"),
+    (["--objective", "flow"], "unknown --objective"),
+    (["--size", "DiT-XXL/2"], "unknown --size"),
+    (["--sampler", "ode-heun"], "does not fit --objective ddpm"),
+    (["--steps", "0"], "--steps must be positive"),
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--data", "/nonexistent/folder"], "no such folder"),
+    (["--class-dropout", "0"], "needs a model trained with label dropout"),
+    (["--batch-size", "5000"], "fewer than --batch-size"),
+])
+def test_train_user_errors(tmp_path, argv, match):
+    with pytest.raises(train.UserError, match=match):
+        train.main(QUICK + ["--results-dir", str(tmp_path)] + argv)
+
+
+def make_image_folder(root, size=12, n=6):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        os.makedirs(root / "imgs" / c, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size + 4, size, 3), dtype=np.uint8)).save(root / "imgs" / c / f"{i}.png")
+    (root / "imgs" / "cat" / "broken.png").write_bytes(b"not an image")
+    return root / "imgs"
+
+
+def test_input_size_not_divisible_by_patch(tmp_path):
+    data = make_image_folder(tmp_path, size=12)
+    with pytest.raises(train.UserError, match="not divisible"):
+        train.main(QUICK + ["--results-dir", str(tmp_path), "--data", str(data), "--image-size", "12",
+                            "--size", "DiT-S/8", "--batch-size", "4"])
+
+
+def test_train_on_image_folder(tmp_path):
+    data = make_image_folder(tmp_path)
+    run = train.main(["--data", str(data), "--image-size", "8", "--steps", "2", "--batch-size", "4", "--no-progress",
+                      "--results-dir", str(tmp_path / "runs"), "--sample-every", "0", "--log-every", "1"])
+    ck = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    assert ck["config"]["model"]["in_channels"] == 3 and ck["config"]["data"]["classes"] == ["cat", "dog"]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = run_cli("train.py", "--model", "nope")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown --model" in r.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    r = run_cli("sample.py", "--ckpt", bad)
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train.py", "--help")
+    assert r.returncode == 0 and "--objective" in r.stdout
+
+
+def test_sample_rejects_bad_labels_and_foreign_weights(tmp_path):
+    import sample
+    run = train.main(QUICK + ["--results-dir", str(tmp_path), "--steps", "1"])
+    with pytest.raises(train.UserError, match="outside"):
+        sample.main(["--ckpt", run, "--class-labels", "3", "12", "--out", str(tmp_path / "g.png")])
+    torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(train.UserError, match="not a checkpoint of this library"):
+        sample.main(["--ckpt", str(tmp_path / "foreign.pt")])
+
+
+def test_official_dit_state_dict_is_recognised(tmp_path):
+    """A plain state dict with the official keys (as DiT-XL-2-256x256.pt / SiT-XL-2-256x256.pt; built here at
+    S/8 size to stay fast) is read as the right config and loads strictly."""
+    import sample
+    torch.manual_seed(0)
+    m = dit.DiT_models["DiT-S/8"](input_size=32)
+    torch.save(m.state_dict(), tmp_path / "SiT-S-8-256x256.pt")
+    args = sample.get_parser().parse_args(["--ckpt", str(tmp_path / "SiT-S-8-256x256.pt")])
+    model, obj, name, kind, cfg = sample.load_for_sampling(args)
+    assert cfg["size"] == "DiT-S/8" and cfg["input_size"] == 32 and cfg["out_channels"] == 8 and kind == "latents"
+    assert name == "sit"
+    for k, v in m.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    """gloo on CPU: 2 processes x 4 = 1 process x 8 (same global batch) to float tolerance; only rank 0 writes.
+    Label dropout is off here because it is drawn inside each process (see README, multi-process)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = QUICK + ["--class-dropout", "0", "--cfg-scale", "1", "--steps", "3", "--batch-size", "8"]
+    one = train.main(common + ["--results-dir", str(tmp_path / "one")])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                        "--master_port", str(port), os.path.join(HERE, "train.py"), *common,
+                        "--results-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(os.listdir(tmp_path / "two")) == 1                    # one run directory, written by rank 0
+    two = os.path.join(tmp_path / "two", os.listdir(tmp_path / "two")[0])
+    a = torch.load(os.path.join(one, "checkpoints", "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(two, "checkpoints", "last.pt"), weights_only=True)
+    assert len(b["rng"]["torch"]) == 2
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
