@@ -312,35 +312,40 @@ def load_data(args):
     """-> dict(x, y, num_classes, input_size, in_channels, kind). x may be a memory-mapped array (latents)."""
     if args.data == "digits":
         x, y = load_digits("train")
-        return dict(x=x, y=y, num_classes=10, kind="digits")
+        return dict(x=x, y=y, num_classes=10, kind="digits", shape=(1, 8))
     if not os.path.isdir(args.data):
         raise UserError(f"--data {args.data}: no such folder (use 'digits', an image folder or a latent folder)")
     meta_path = os.path.join(args.data, "meta.json")
     if os.path.isfile(meta_path):  # latents written by extract_latents.py
         meta = json.load(open(meta_path))
-        n = meta["num_done"] if "num_done" in meta else meta["num_images"]
+        if meta.get("format") != "moments-v1":
+            raise UserError(f"--data {args.data}: unknown latent format {meta.get('format')!r} (re-run extract_latents.py)")
+        n = meta["num_done"]
         if n == 0:
             raise UserError(f"--data {args.data}: the latent folder is empty (extraction not started?)")
-        lat = np.load(os.path.join(args.data, "latents.npy"), mmap_mode="r")
-        lab = np.load(os.path.join(args.data, "labels.npy"), mmap_mode="r")
-        return dict(x=lat[:n], y=torch.from_numpy(np.array(lab[:n])), num_classes=meta["num_classes"], kind="latents",
-                    meta=meta)
+        if n < meta["num_images"] and int(os.environ.get("RANK", 0)) == 0:
+            print(f"warning: extraction unfinished, training on the first {n} of {meta['num_images']} images")
+        mom = np.load(os.path.join(args.data, "moments.npy"), mmap_mode="r")[:n]   # (N, 2 flips, 2C, h, w) fp16
+        lab = torch.from_numpy(np.array(np.load(os.path.join(args.data, "labels.npy"), mmap_mode="r")[:n]))
+        return dict(x=mom, y=lab, num_classes=meta["num_classes"], kind="latents", meta=meta,
+                    shape=(meta["latent_channels"], meta["latent_size"]), scale=meta["scale_factor"])
     x, y, classes = load_image_folder(args.data, args.image_size or 32)
-    return dict(x=x, y=y, num_classes=len(classes), kind="images", classes=classes)
+    return dict(x=x, y=y, num_classes=len(classes), kind="images", classes=classes, shape=(x.shape[1], x.shape[-1]))
 
 
-def get_batch(data, idx, flip, device):
-    """Rows idx of the data on the device; latents get horizontal flips where flip is True (see
-    extract_latents.py for why flipping the latent stands in for flipping the image)."""
-    if isinstance(data["x"], np.ndarray):        # memory-mapped latents: gather rows, pinned async copy
-        x = torch.from_numpy(data["x"][np.sort(idx.numpy())][np.argsort(np.argsort(idx.numpy()))])
-        x = (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True).float()
-    else:
-        x = data["x"][idx].to(device)
-    y = data["y"][idx].to(device)
-    if data["kind"] == "latents":
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x, y
+def get_batch(data, idx, flip, eps, device):
+    """Rows idx of the data on the device. Latents: pick the stored moments of the image or of its horizontal
+    flip, then draw a fresh posterior sample z = scale * (mean + std * eps), as DiT does on the fly."""
+    if data["kind"] != "latents":
+        return data["x"][idx].to(device), data["y"][idx].to(device)
+    order = np.argsort(idx.numpy())                              # sorted reads are faster on a memmap
+    rows = np.empty((len(idx),) + data["x"].shape[1:], dtype=data["x"].dtype)
+    rows[order] = data["x"][idx.numpy()[order]]
+    m = torch.from_numpy(rows)                                   # (n, 2, 2C, h, w) fp16
+    m = (m.pin_memory() if device.type == "cuda" else m).to(device, non_blocking=True)
+    m = torch.where(flip[:, None, None, None], m[:, 1], m[:, 0]).float()   # (n, 2C, h, w)
+    C = m.shape[1] // 2
+    return data["scale"] * (m[:, :C] + m[:, C:] * eps), data["y"][idx].to(device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,7 +433,7 @@ def main(argv=None):
     N = len(data["y"])
     if N < args.batch_size:
         raise UserError(f"the data has {N} examples, fewer than --batch-size {args.batch_size}")
-    C, H = data["x"].shape[1], data["x"].shape[-1]
+    C, H = data["shape"]
     if int(data["y"].min()) < 0 or int(data["y"].max()) >= data["num_classes"]:
         raise UserError(f"labels must be in [0, {data['num_classes']})")
 
@@ -507,9 +512,11 @@ def main(argv=None):
         t = draw_time(objective, args.batch_size, data_gen, device)[rank * local_bs:(rank + 1) * local_bs]
         noise = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[rank * local_bs:(rank + 1) * local_bs]
         flip = (torch.rand(args.batch_size, generator=data_gen, device=device) < 0.5)[rank * local_bs:(rank + 1) * local_bs]
+        eps = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[rank * local_bs:(rank + 1) * local_bs] \
+            if data["kind"] == "latents" else None
         if masked:
             noise_m = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[rank * local_bs:(rank + 1) * local_bs]
-        x, y = get_batch(data, idx, flip, device)
+        x, y = get_batch(data, idx, flip, eps, device)
         with amp:
             terms = objective.loss(train_model, x, y, t=t, noise=noise)
             loss = terms["loss"].mean()
