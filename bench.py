@@ -1,0 +1,235 @@
+"""
+Speed and memory benchmark for any backbone x objective, on CUDA or CPU.
+
+    python bench.py                                     # DiT-XL/2 + ddpm, 32x32x4 latents, batch 64, fp32/bf16/bf16+compile
+    python bench.py --model mdt --objective sit         # MDTv2-XL/2 (full + masked pass)
+    python bench.py --tiny --device cpu                 # the family's Tiny config on 8x8x1 (what CI runs)
+    python bench.py --quality-check                     # also: bf16 / compiled outputs vs fp32 eager
+
+Measures, per precision mode: training throughput (images/s of a full step: objective loss [+ masked pass],
+backward, AdamW, EMA), forward FLOPs (torch.utils.flop_counter, one forward; training counted as 3x
+forward), achieved TFLOP/s and MFU against --peak-tflops, peak GPU memory of the training step, inference
+forward images/s, and end-to-end sampling time for the samplers of the objective. Timing: warm-up steps
+excluded, torch.cuda.synchronize around each timed block, median of --repeats blocks. A table goes to
+stdout and everything to --json.
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+from train import UserError
+
+# dense bf16 / tf32 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts), for MFU
+PEAKS = {"H100": (989.0, 494.5), "H200": (989.0, 494.5), "A100": (312.0, 156.0)}
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Benchmark training/inference/sampling speed of a backbone x objective.")
+    train.add_model_args(p)
+    p.add_argument("--batch-size", type=int, default=64, help="per-step batch (default: 64)")
+    p.add_argument("--input-size", type=int, default=32, help="latent/image side (default: 32 = ImageNet-256 latents)")
+    p.add_argument("--in-channels", type=int, default=4, help="input channels (default: 4)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes (default: 1000)")
+    p.add_argument("--tiny", action="store_true", help="use the family's Tiny config on 8x8x1 inputs, batch 16 (CPU/CI)")
+    p.add_argument("--modes", nargs="+", default=["fp32", "bf16", "bf16+compile"],
+                   help="precision modes to run: fp32, bf16, bf16+compile, fp32+compile (default: the first three)")
+    p.add_argument("--what", nargs="+", default=["train", "forward", "sample"], help="parts to time (default: all)")
+    p.add_argument("--mask-ratio", type=float, default=0.3, help="masking backbones: masked-pass ratio (default: 0.3)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per repeat (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default: 3; compile needs them)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats, the median is reported (default: 3)")
+    p.add_argument("--sample-batch", type=int, default=64, help="images per sampling run (default: 64)")
+    p.add_argument("--sample-steps-scale", type=float, default=1.0, help="multiply every sampler's steps (e.g. 0.04 on CPU)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: from the GPU name)")
+    p.add_argument("--quality-check", action="store_true", help="compare bf16 / compiled outputs with fp32 eager")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--json", default="bench.json", help="write all results here (default: bench.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    return p
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, steps, warmup, repeats):
+    """Median seconds per call of fn over `repeats` blocks of `steps` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times)
+
+
+def count_flops(model, x, t, y, **kw):
+    """FLOPs of one forward. SDPA runs on its math backend here so that the attention matmuls are counted
+    on every device (the counter does not see inside some fused CPU kernels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        model(x, t, y, **kw)
+    return fc.get_total_flops()
+
+
+def build(args, device, compile_):
+    obj_cfg = train.objective_config(args)
+    objective = train.build_objective(obj_cfg)
+    C, H = (1, 8) if args.tiny else (args.in_channels, args.input_size)
+    size = args.size or train.FAMILIES[args.model][2 if args.tiny else 3]
+    cfg = dict(family=args.model, size=size, input_size=H, in_channels=C, out_channels=objective.out_channels(C),
+               num_classes=10 if args.tiny else args.num_classes, class_dropout_prob=0.1)
+    torch.manual_seed(args.seed)
+    model = train.build_model(cfg).to(device)
+    fwd = torch.compile(model) if compile_ else model
+    return model, fwd, objective, cfg
+
+
+def bench_mode(args, mode, device):
+    precision, compile_ = mode.split("+")[0], mode.endswith("+compile")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    model, fwd, objective, cfg = build(args, device, compile_)
+    B, C, H = args.batch_size, cfg["in_channels"], cfg["input_size"]
+    x = torch.randn(B, C, H, H, device=device)
+    y = torch.randint(0, cfg["num_classes"], (B,), device=device)
+    masked = getattr(model, "trains_with_mask", False) and args.mask_ratio > 0
+    res = dict(mode=mode, size=cfg["size"], params=sum(p.numel() for p in model.parameters()), batch=B)
+
+    # forward FLOPs, counted once (eager); a training step = 3x the forwards it runs (full, and masked if any)
+    t_mid = torch.full((B,), 500, device=device)
+    res["gflops_fwd_per_img"] = count_flops(model, x, t_mid, y) / B / 1e9
+    train_gflops = 3 * res["gflops_fwd_per_img"]
+    if masked:
+        res["gflops_masked_fwd_per_img"] = count_flops(model, x, t_mid, y, mask_ratio=args.mask_ratio) / B / 1e9
+        train_gflops += 3 * res["gflops_masked_fwd_per_img"]
+
+    if "train" in args.what:
+        ema = train.copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
+        model.train()
+
+        def step():
+            with amp:
+                loss = objective.loss(fwd, x, y)["loss"].mean()
+                if masked:
+                    loss = loss + objective.loss(fwd, x, y, model_kwargs=dict(mask_ratio=args.mask_ratio))["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            train.update_ema(ema, model, 0.9999)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sec = timed(step, device, args.steps, args.warmup, args.repeats)
+        res["train_img_s"] = B / sec
+        res["train_tflops"] = train_gflops * res["train_img_s"] / 1e3
+        if device.type == "cuda":
+            res["train_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        del opt, ema
+
+    if "forward" in args.what:
+        model.eval()
+
+        def forward():
+            with torch.no_grad(), amp:
+                fwd(x, t_mid, y)
+
+        res["forward_img_s"] = B / timed(forward, device, args.steps, args.warmup, args.repeats)
+
+    if "sample" in args.what:
+        model.eval()
+        n = args.sample_batch
+        z = torch.randn(n, C, H, H, device=device)
+        ys = torch.randint(0, cfg["num_classes"], (n,), device=device)
+        scale = lambda s: max(2, int(round(s * args.sample_steps_scale)))
+        if args.objective == "ddpm":
+            runs = {f"ddpm{scale(250)}_cfg": dict(steps=scale(250), sampler="ddpm", cfg_scale=4.0),
+                    f"dpm++{scale(50)}_cfg": dict(steps=scale(50), sampler="dpm++", cfg_scale=4.0)}
+        else:
+            runs = {f"sde_euler{scale(250)}_cfg": dict(method="sde", solver="euler", num_steps=scale(250), cfg_scale=4.0),
+                    "ode_dopri5_cfg": dict(method="ode", solver="dopri5", num_steps=2, cfg_scale=4.0)}
+        for name, kw in runs.items():
+            def run():
+                with amp:
+                    objective.sample(fwd, z, ys, **kw)
+            res[f"sample_{name}_s"] = timed(run, device, 1, 1, 1)
+    return res
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.model not in train.FAMILIES:
+        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(train.FAMILIES)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.tiny:
+        args.batch_size = min(args.batch_size, 16)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAKS.items() if k in gpu), (None, None))
+    env = dict(device=gpu, torch=torch.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
+               command="python bench.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    results = []
+    for mode in args.modes:
+        if mode not in ("fp32", "bf16", "bf16+compile", "fp32+compile"):
+            raise UserError(f"unknown mode {mode!r}")
+        r = bench_mode(args, mode, device)
+        if isinstance(peak, tuple) and peak[0] and "train_tflops" in r:
+            r["mfu"] = r["train_tflops"] / (peak[0] if mode.startswith("bf16") else peak[1])
+        results.append(r)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    quality = quality_check(args, device) if args.quality_check else None
+    print(f"# {env['device']}, torch {env['torch']}, {env['date']}: {env['command']}")
+    cols = [k for k in results[0] if k not in ("mode", "size")]
+    print("| mode | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for r in results:
+        print(f"| {r['mode']} | " + " | ".join(f"{r.get(c, float('nan')):.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                             for c in cols) + " |")
+    if quality:
+        print("quality vs fp32 eager:", json.dumps(quality))
+    with open(args.json, "w") as f:
+        json.dump(dict(env=env, results=results, quality=quality), f, indent=1)
+    return results
+
+
+def quality_check(args, device):
+    """Max |out - out_fp32| / max |out_fp32| of one forward pass, for bf16 autocast and compiled fp32."""
+    model, _, _, cfg = build(args, device, False)
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():                  # random weights everywhere (zero-init would hide differences)
+        p.data.normal_(0, 0.02, generator=g) if p.requires_grad else None
+    model.eval()
+    B, C, H = min(args.batch_size, 8), cfg["in_channels"], cfg["input_size"]
+    x = torch.randn(B, C, H, H, generator=g).to(device)
+    t = torch.full((B,), 500, device=device)
+    y = torch.randint(0, cfg["num_classes"], (B,), generator=g).to(device)
+    with torch.no_grad():
+        ref = model(x, t, y).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            bf = model(x, t, y).float()
+        comp = torch.compile(model)(x, t, y).float()
+    rel = lambda a: ((a - ref).abs().max() / ref.abs().max()).item()
+    return dict(bf16_rel_err=rel(bf), compile_fp32_rel_err=rel(comp))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
