@@ -468,3 +468,62 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert len(b["rng"]["torch"]) == 2
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
+
+
+def test_kill_9_leaves_a_loadable_checkpoint_and_resume_continues(tmp_path):
+    """SIGKILL at an arbitrary moment (a checkpoint is written every step) never leaves a broken last.pt."""
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *QUICK, "--steps", "100000", "--ckpt-every", "1",
+                          "--results-dir", str(tmp_path / "r")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+    deadline = time.time() + 120
+    ck = None
+    while time.time() < deadline:
+        runs = os.listdir(tmp_path / "r") if os.path.isdir(tmp_path / "r") else []
+        if runs:
+            ck = os.path.join(tmp_path / "r", runs[0], "checkpoints", "0000005.pt")
+            if os.path.exists(ck):
+                break
+        time.sleep(0.05)
+    time.sleep(0.37)                         # somewhere in the middle of later steps / writes
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    run = os.path.join(tmp_path / "r", os.listdir(tmp_path / "r")[0])
+    last = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    assert last["step"] >= 5
+    train.main(["--resume", run, "--steps", str(last["step"] + 2), "--no-progress"])
+    assert torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["step"] == last["step"] + 2
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(train.UserError, match="non-finite at step"):
+        train.main(QUICK + ["--results-dir", str(tmp_path), "--lr", "1e30", "--steps", "50", "--ckpt-every", "1"])
+    run = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+    last = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    # --skip-nonfinite counts such steps instead of stopping
+    run2 = train.main(QUICK + ["--results-dir", str(tmp_path / "s"), "--lr", "1e30", "--steps", "8", "--skip-nonfinite"])
+    assert torch.load(os.path.join(run2, "checkpoints", "last.pt"), weights_only=True)["nonfinite"] > 0
+
+
+def test_cli_fuzz_never_raises_anything_but_user_errors(tmp_path):
+    """Random flag combinations (valid and invalid values): each run ends normally or with a UserError."""
+    rng = np.random.default_rng(0)
+    choices = {
+        "--model": ["dit", "mdt", "foo", "unet_vit", "diffit"], "--objective": ["ddpm", "sit", "x"],
+        "--size": ["DiT-Tiny/2", "DiT-S/8", "nope"], "--sampler": ["ddpm", "ddim", "dpm++", "ode-heun", "bad"],
+        "--sample-steps": ["3", "0", "-1"], "--cfg-scale": ["1", "1.5", "4"], "--class-dropout": ["0", "0.1", "1.5"],
+        "--batch-size": ["4", "0", "3000"], "--lr": ["1e-3", "0", "-1"], "--ema": ["0.9", "1.0"],
+        "--cfg-channels": ["1", "3"], "--scale-pow": ["4"], "--guidance-interval": ["0 0.7"],
+        "--beta-schedule": ["linear", "cosine", "quadratic"], "--path-type": ["Linear", "GVP", "VP", "X"],
+        "--prediction": ["velocity", "score", "noise", "x"], "--mask-ratio": ["0.3", "0", "1.2"],
+    }
+    keys = list(choices)
+    for i in range(24):
+        argv = QUICK + ["--steps", "1", "--results-dir", str(tmp_path / str(i)), "--sample-every", "1"]
+        for k in rng.choice(keys, size=4, replace=False):
+            argv += [k, *str(rng.choice(choices[k])).split()]
+        try:
+            train.main(argv)
+        except train.UserError:
+            pass

@@ -527,18 +527,17 @@ def main(argv=None):
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if args.skip_nonfinite and not torch.isfinite(loss):   # this flag costs one sync per step
+        skip = args.skip_nonfinite and not bool(torch.isfinite(loss))   # this flag costs one sync per step
+        if skip:
             nonfinite += 1
-            step += 1
-            bar.update(1)
-            continue
-        opt.step()
-        update_ema(ema, model, args.ema)
+        else:
+            opt.step()
+            update_ema(ema, model, args.ema)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step + 1, first_bad)
+            log_sum += torch.stack([terms["loss"].detach().mean().float(),
+                                    terms_m["loss"].detach().mean().float() if masked else log_sum.new_zeros(())])
+            log_n += 1
         step += 1
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        log_sum += torch.stack([terms["loss"].detach().mean().float(),
-                                terms_m["loss"].detach().mean().float() if masked else log_sum.new_zeros(())])
-        log_n += 1
         bar.update(1)
 
         is_ckpt = step % args.ckpt_every == 0 or step == args.steps
