@@ -93,13 +93,63 @@ def from_npz(path):
     return x, torch.from_numpy(d["labels"])
 
 
+def evaluate_run(net, run_dir, cfg_scale, sampler=None, steps=None, n=360, seed=0):
+    """Sample n class-balanced digits from a run's EMA weights and judge them."""
+    import sample
+    out = os.path.join(run_dir, f"eval_cfg{cfg_scale}_{sampler}_{steps}.npz")
+    argv = ["--ckpt", run_dir, "--out", out, "--num-samples", str(n), "--balanced", "--cfg-scale", str(cfg_scale),
+            "--batch-size", str(n), "--seed", str(seed)]
+    argv += ["--sampler", sampler] if sampler else []
+    argv += ["--sample-steps", str(steps)] if steps else []
+    t0 = time.time()
+    sample.main(argv)
+    x, y = from_npz(out)
+    return dict(judge(net, x, y), sample_s=time.time() - t0)
+
+
+def evaluate_all(args):
+    """Train every backbone x objective on the digits with one seed and budget, then judge."""
+    net, acc_real = train_classifier(args.seed)
+    rows = []
+    for family in args.models:
+        for objective in args.objectives:
+            t0 = time.time()
+            run = train.main(["--model", family, "--objective", objective, "--steps", str(args.steps), "--seed", str(args.seed),
+                              "--results-dir", args.results_dir, "--no-progress", "--sample-every", "0"])
+            train_s = time.time() - t0
+            row = dict(model=family, objective=objective, steps=args.steps, train_s=round(train_s, 1))
+            for w in args.cfg_scales:
+                r = evaluate_run(net, run, w, seed=args.seed)
+                row[f"acc_cfg{w}"], row[f"fd_cfg{w}"] = round(r["accuracy"], 3), round(r["fd"], 2)
+            row["fd_floor"] = round(r["fd_floor"], 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\njudge: CNN trained on the real training digits, held-out accuracy {acc_real:.4f}")
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    with open(args.json, "w") as f:
+        json.dump(dict(classifier_heldout_accuracy=acc_real, rows=rows), f, indent=1)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Judge digit samples with a classifier trained on real digits.")
     p.add_argument("--samples", help="an .npz written by sample.py (arr_0 and labels)")
-    p.add_argument("--seed", type=int, default=0, help="classifier seed (default: 0)")
+    p.add_argument("--all", action="store_true", help="train and judge every backbone x objective")
+    p.add_argument("--models", nargs="+", default=list(train.FAMILIES), help="families for --all (default: all)")
+    p.add_argument("--objectives", nargs="+", default=list(train.OBJECTIVES), help="objectives for --all (default: all)")
+    p.add_argument("--steps", type=int, default=2000, help="training steps per pair for --all (default: 2000)")
+    p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to judge (default: 1 3)")
+    p.add_argument("--results-dir", default="runs/quality", help="where --all puts its runs (default: runs/quality)")
+    p.add_argument("--json", default="quality.json", help="--all writes its table here (default: quality.json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the classifier (default: 0)")
     args = p.parse_args(argv)
+    if args.all:
+        return evaluate_all(args)
     if not args.samples:
-        raise train.UserError("give --samples FILE.npz")
+        raise train.UserError("give --samples FILE.npz or --all")
     if not os.path.isfile(args.samples):
         raise train.UserError(f"--samples {args.samples}: no such file")
     net, acc_real = train_classifier(args.seed)
