@@ -2,8 +2,7 @@
 Sample quality on the embedded 8x8 digits: does a trained model generate the digit it was asked for?
 
     python quality.py --samples s.npz          # judge samples written by sample.py (labels inside the npz)
-    python quality.py --run RUN_DIR            # sample from RUN_DIR's EMA weights, then judge
-    python quality.py --all                    # train every backbone x objective and print the table
+    python quality.py --all                    # train every backbone x objective, sample, judge, print the table
 
 Two numbers, both from a small CNN trained ONLY on the real training digits (its held-out accuracy is
 printed beside them):
