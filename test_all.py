@@ -527,3 +527,144 @@ def test_cli_fuzz_never_raises_anything_but_user_errors(tmp_path):
             train.main(argv)
         except train.UserError:
             pass
+
+
+# ===================================================================================================
+# sit.py
+# ===================================================================================================
+
+import sit  # noqa: E402
+
+
+@pytest.mark.parametrize("path,gold", [
+    ("Linear", (0.3, 1, 0.7, -1, -3.3333333, 2.3333333)),
+    ("GVP", (0.45399055, 1.39958978, 0.89100653, -0.71312672, -3.08286119, 3.08286119)),
+    ("VP", (0.08435258, 0.59173328, 0.99643594, -0.05009276, -7.015, 7.015)),
+])
+def test_sit_paths_golden(path, gold):
+    """Fact sheet A.6 (official code at t = 0.3, x = 1): alpha, dalpha, sigma, dsigma, f, g."""
+    tr = sit.Transport(path_type=path)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    a, g = tr.drift_coeffs(t)
+    np.testing.assert_allclose([*map(float, tr.alpha_sigma(t)), -float(a), float(g)], gold, rtol=1e-6, atol=1e-7)
+
+
+def test_sit_diffusion_forms_golden():
+    tr = sit.Transport()
+    t = torch.tensor(0.3, dtype=torch.float64)
+    vals = [float(tr.diffusion(t, f, 1.0)) for f in ("constant", "SBDM", "sigma", "linear", "decreasing")]
+    np.testing.assert_allclose(vals, [1, 2.3333333, 0.7, 0.7, 0.63026547], rtol=1e-6)
+    assert abs(float(sit.Transport(path_type="GVP").diffusion(t, "sigma", 1.0)) - 0.89100653) < 1e-7
+
+
+@pytest.mark.parametrize("path,xt,ut", [
+    ("Linear", [0.75, 0.615595, -0.084786, -0.707214], [-1, 0.301169, 1.325444, 1.131112]),
+    ("GVP", [0.92388, 0.821191, -0.036496, -0.860629], [-0.601118, 0.89638, 1.56975, 0.799899]),
+    ("VP", [0.998278, 0.588736, -0.362088, -0.980009], [-0.025898, 0.356852, 0.411514, 0.087832]),
+])
+def test_sit_plan_golden(path, xt, ut):
+    """A.6: x0[k] = cos k, x1[k] = sin k, t = [0.25, 0.75], row 0; the velocity loss of a model that outputs
+    0 is ||u_t||^2, of one that outputs x_t is ||x_t - u_t||^2."""
+    x0 = torch.cos(torch.arange(8.0)).reshape(2, 4)
+    x1 = torch.sin(torch.arange(8.0)).reshape(2, 4)
+    tr = sit.Transport(path_type=path)
+    a, da, s, ds = tr.alpha_sigma(torch.tensor([0.25, 0.75])[:, None])
+    np.testing.assert_allclose((a * x1 + s * x0)[0].numpy(), xt, atol=2e-6)
+    np.testing.assert_allclose((da * x1 + ds * x0)[0].numpy(), ut, atol=2e-6)
+    zero = tr.loss(lambda x, t, y: torch.zeros_like(x), x1, None, t=torch.tensor([0.25, 0.75]), noise=x0)["loss"]
+    assert abs(zero[0].item() - float(np.mean(np.square(ut)))) < 1e-5
+
+
+@pytest.mark.parametrize("path", ["Linear", "GVP", "VP"])
+@pytest.mark.parametrize("pred", ["velocity", "score", "noise"])
+@pytest.mark.parametrize("weight", [None, "velocity", "likelihood"])
+def test_sit_loss_formulas(path, pred, weight):
+    tr = sit.Transport(path, pred, weight)
+    x1, x0 = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
+    t0, t1 = tr.train_interval()
+    t = torch.linspace(t0, t1, 6)[1:5]
+    out = torch.randn(4, 4, 3, 3)                     # 2C outputs: the extra half is ignored (learn_sigma files)
+    got = tr.loss(lambda x, t_, y: out, x1, None, t=t, noise=x0)["loss"]
+    a, da, s, ds = tr.alpha_sigma(t.view(-1, 1, 1, 1))
+    g = tr.drift_coeffs(t.view(-1, 1, 1, 1))[1]
+    o = out[:, :2]
+    if pred == "velocity":
+        want = ((o - (da * x1 + ds * x0)) ** 2).mean((1, 2, 3))
+    else:
+        w = {None: 1, "velocity": (g / s) ** 2, "likelihood": g / s ** 2}[weight]
+        want = (w * ((o * s + x0) if pred == "score" else (o - x0)) ** 2).mean((1, 2, 3))
+    torch.testing.assert_close(got, want)
+    assert torch.isfinite(got).all()
+
+
+def test_sit_intervals_and_eps_fixes():
+    assert sit.Transport().train_interval() == (0.0, 1.0)
+    assert sit.Transport(prediction="score").train_interval() == (1e-3, 1 - 1e-3)
+    assert sit.Transport(path_type="VP").train_interval() == (0.0, 1 - 1e-5)
+    assert sit.Transport(train_eps=0.01).train_interval() == (0.0, 1.0)      # velocity: starts at 0 regardless
+    assert sit.Transport(prediction="noise", train_eps=0.02).train_interval() == (0.02, 0.98)  # a given eps is used
+    assert sit.Transport(sample_eps=0.005).sample_eps == 0.005                  # official: silently 0
+
+
+def exact_gaussian_velocity(mu=2.0, sd=0.5):
+    """E[u_t | x_t] for data N(mu, sd^2) on the Linear path: the exact velocity field."""
+    class Exact(torch.nn.Module):
+        num_classes = 1
+
+        def forward(self, x, t, y):
+            te = t.view(-1, 1, 1, 1)
+            return mu + (te * sd ** 2 - (1 - te)) / ((1 - te) ** 2 + (te * sd) ** 2) * (x - te * mu)
+    return Exact()
+
+
+def test_sit_samplers_reach_the_data_distribution():
+    tr = sit.Transport()
+    z = torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4000, dtype=torch.long)
+    exact = 2.0 + 0.5 * z                            # the ODE flow of this Gaussian maps z to mu + sd z
+    for kw, tol in [(dict(method="ode", solver="dopri5", rtol=1e-6, atol=1e-8), 1e-4),
+                    (dict(method="ode", solver="heun", num_steps=100), 1e-3),
+                    (dict(method="ode", solver="euler", num_steps=400), 5e-2)]:
+        x = tr.sample(exact_gaussian_velocity(), z, y, **kw)
+        assert (x - exact).abs().max() < tol, kw
+    torch.manual_seed(0)
+    for form in ("sigma", "SBDM", "linear", "decreasing", "increasing-decreasing", "constant"):
+        x = tr.sample(exact_gaussian_velocity(), z, y, method="sde", solver="euler", num_steps=200, diffusion_form=form)
+        assert torch.isfinite(x).all(), form     # SBDM would be NaN from t0 = 0 (the official behaviour)
+        if form != "constant":                   # constant D = 1 injects noise right up to t = 0.96 by design
+            assert abs(x.mean() - 2.0) < 0.05 and abs(x.std() - 0.5) < 0.05, form
+    x = tr.sample(exact_gaussian_velocity(), z, y, method="sde", solver="heun", num_steps=100, last_step="Tweedie")
+    assert abs(x.mean() - 2.0) < 0.05 and abs(x.std() - 0.5) < 0.05
+
+
+def test_sit_guidance_and_seeding():
+    tr = sit.Transport()
+    m = ToyEps(out_channels=4)
+    z, y = torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
+    a = tr.sample(m, z, y, method="ode", solver="euler", num_steps=5)
+    b = tr.sample(m, z, y, method="ode", solver="euler", num_steps=5, cfg_scale=1.0, guidance_interval=(0, 1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, tr.sample(m, z, y, method="ode", solver="euler", num_steps=5, cfg_scale=3.0))
+    torch.manual_seed(1)
+    s1 = tr.sample(m, z, y, method="sde", num_steps=10, cfg_scale=2.0, scale_pow=4)
+    torch.manual_seed(1)
+    assert torch.equal(s1, tr.sample(m, z, y, method="sde", num_steps=10, cfg_scale=2.0, scale_pow=4))
+    assert tr.nfe == 10
+
+
+def test_overfit_one_batch_sit():
+    torch.manual_seed(0)
+    x, y = train.load_digits("train")
+    x, y = x[:16], y[:16]
+    tr = sit.Transport()
+    m = tiny_dit(out_channels=1)
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+    t, noise = torch.rand(16), torch.randn_like(x)
+    first = None
+    for _ in range(150):
+        loss = tr.loss(m, x, y, t=t, noise=noise)["loss"].mean()
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
