@@ -43,6 +43,26 @@ def get_parser():
     return p
 
 
+# Sampling settings of each paper, used for recognised official files unless a flag says otherwise:
+# (family, objective) -> settings; cfg_scale is (FID setting for .npz, visual setting for grids).
+PAPER_SETTINGS = {
+    ("dit", "ddpm"): dict(sampler="ddpm", sample_steps=250, cfg_scale=(1.5, 4.0), cfg_channels=3),      # DiT Tab. 2, sample.py
+    ("dit", "sit"): dict(sampler="sde-euler", sample_steps=250, cfg_scale=(1.5, 4.0), cfg_channels=3),  # SiT Tab. 7 (SDE 2.06)
+}
+
+
+def apply_paper_settings(args, family, objective, argv, npz):
+    """Fill the sampling flags the user did not give with the paper's settings; say what was used."""
+    given = {a.dest for a in get_parser()._actions if any(o in argv for o in a.option_strings)}
+    used = {}
+    for k, v in PAPER_SETTINGS.get((family, objective), {}).items():
+        if k not in given:
+            setattr(args, k, v[0 if npz else 1] if isinstance(v, tuple) else v)
+            used[k] = getattr(args, k)
+    if used:
+        print("paper sampling settings: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in used.items()))
+
+
 def recognise_official(sd, args, path):
     """(model_cfg, objective_cfg) for a plain official state dict; UserError if it is not one we know."""
     sd = train.clean_state_dict(sd)
@@ -60,7 +80,7 @@ def recognise_official(sd, args, path):
         out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
         n_cls = sd["y_embedder.embedding_table.weight"].shape[0] - 1
         model_cfg = dict(family=family, size=size, input_size=input_size, in_channels=in_ch, out_channels=out_ch,
-                         num_classes=n_cls, class_dropout_prob=0.1)
+                         num_classes=n_cls, class_dropout_prob=0.1, official=True)
         name = args.objective or ("sit" if "sit" in os.path.basename(path).lower() else "ddpm")
     else:
         raise UserError(f"{path}: not a checkpoint of this library and not an official state dict it recognises "
@@ -108,6 +128,9 @@ def decode_latents(z, vae_id, device):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     model, objective, obj_name, kind, cfg = load_for_sampling(args)
+    if cfg.get("official"):
+        apply_paper_settings(args, cfg["family"], obj_name, sys.argv[1:] if argv is None else argv,
+                             (args.out or "").endswith(".npz"))
     args.class_dropout, args.model, args.objective = cfg["class_dropout_prob"], cfg["family"], obj_name
     args = train.resolve_args(args, "digits" if kind == "digits" else "official")
     if args.batch_size <= 0:

@@ -668,3 +668,102 @@ def test_overfit_one_batch_sit():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1 * first
+
+
+def test_paper_sampling_settings_for_official_files():
+    import sample
+    args = sample.get_parser().parse_args(["--ckpt", "x.pt", "--sample-steps", "10"])
+    sample.apply_paper_settings(args, "dit", "ddpm", ["--ckpt", "x.pt", "--sample-steps", "10"], npz=True)
+    assert (args.sampler, args.sample_steps, args.cfg_scale, args.cfg_channels) == ("ddpm", 10, 1.5, 3)
+    args = sample.get_parser().parse_args(["--ckpt", "x.pt"])
+    sample.apply_paper_settings(args, "dit", "sit", ["--ckpt", "x.pt"], npz=False)
+    assert (args.sampler, args.sample_steps, args.cfg_scale) == ("sde-euler", 250, 4.0)
+
+
+# ===================================================================================================
+# Every backbone x every objective (families that exist in this checkout)
+# ===================================================================================================
+
+def available_families():
+    out = []
+    for fam, (module, reg, tiny, _) in train.FAMILIES.items():
+        try:
+            out.append((fam, getattr(__import__(module), reg), tiny))
+        except ImportError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("family,reg,tiny", available_families(), ids=[f[0] for f in available_families()])
+@pytest.mark.parametrize("objective", ["ddpm", "sit"])
+def test_train_step_every_backbone_and_objective(family, reg, tiny, objective):
+    torch.manual_seed(0)
+    obj = ddpm.GaussianDiffusion() if objective == "ddpm" else sit.Transport()
+    m = reg[tiny](input_size=8, in_channels=1, out_channels=obj.out_channels(1), num_classes=10).train()
+    x, y = train.load_digits("train")
+    x, y = x[:8], y[:8]
+    loss = obj.loss(m, x, y)["loss"]
+    assert loss.shape == (8,) and torch.isfinite(loss).all()
+    if getattr(m, "trains_with_mask", False):
+        loss = loss + obj.loss(m, x, y, model_kwargs=dict(mask_ratio=0.3))["loss"]
+    loss.mean().backward()
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+    m.eval()
+    with torch.no_grad():   # deterministic in eval mode, right output shape
+        a, b = m(x, torch.full((8,), 3), y), m(x, torch.full((8,), 3), y)
+    assert torch.equal(a, b) and a.shape == (8, obj.out_channels(1), 8, 8)
+
+
+# ===================================================================================================
+# unet_vit.py
+# ===================================================================================================
+
+import unet_vit  # noqa: E402
+
+UVIT_PARAMS = [  # (name, kwargs of the official config, official parameter count; fact sheet uvit_mdt 1.3)
+    ("U-ViT-H/2", dict(input_size=32), 500_832_016),
+    ("U-ViT-L/2", dict(input_size=32), 286_763_172),
+    ("U-ViT-H/4", dict(input_size=64), 500_942_656),
+    ("U-ViT-L/4", dict(input_size=64), 286_861_524),
+    ("U-ViT-L/4", dict(input_size=64, in_channels=3, class_dropout_prob=0.0), 286_827_652),
+    ("U-ViT-M/4", dict(input_size=64, in_channels=3, class_dropout_prob=0.0), 130_940_292),
+    ("U-ViT-S/2", dict(input_size=32, in_channels=3, num_classes=0), 44_255_328),
+    ("U-ViT-S/4", dict(input_size=64, in_channels=3, num_classes=0), 44_292_228),
+]
+
+
+@pytest.mark.parametrize("name,kw,n", UVIT_PARAMS)
+def test_uvit_param_counts(name, kw, n):
+    assert count(meta_model(unet_vit.UViT_models, name, **kw)) == n
+
+
+def test_uvit_state_dict_keys_and_shapes():
+    h = meta_model(unet_vit.UViT_models, "U-ViT-H/2", input_size=32).state_dict()
+    assert len(h) == 355
+    for k, s in {"pos_embed": (1, 258, 1152), "patch_embed.proj.weight": (1152, 4, 2, 2), "label_emb.weight": (1001, 1152),
+                 "in_blocks.13.attn.qkv.weight": (3456, 1152), "mid_block.mlp.fc1.weight": (4608, 1152),
+                 "out_blocks.0.skip_linear.weight": (1152, 2304), "norm.weight": (1152,),
+                 "decoder_pred.weight": (16, 1152)}.items():
+        assert tuple(h[k].shape) == s, k
+    assert "in_blocks.0.attn.qkv.bias" not in h and not any(k.startswith(("final_layer", "time_embed")) for k in h)
+    big = meta_model(unet_vit.UViT_models, "U-ViT-L/2", input_size=32).state_dict()
+    assert len(big) == 261 and tuple(big["final_layer.weight"].shape) == (4, 4, 3, 3)
+    assert tuple(big["out_blocks.9.skip_linear.weight"].shape) == (1024, 2048)
+
+
+def test_uvit_sdpa_equals_explicit_and_token_layout():
+    torch.manual_seed(0)
+    attn = unet_vit.Attention(64, 4)
+    x = torch.randn(2, 7, 64)
+    q, k, v = attn.qkv(x).reshape(2, 7, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(attn(x), attn.proj(unet_vit.attention_reference(q, k, v).transpose(1, 2).reshape(2, 7, 64)),
+                               atol=1e-5, rtol=1e-5)
+    m = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=10).eval()
+    assert m.pos_embed.shape == (1, 2 + 16, 128) and m.label_emb.weight.shape[0] == 11
+    # the label token is the first token: changing y changes the output, changing it in an unconditional model can't
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 5])
+    assert not torch.equal(m(x, t, torch.tensor([1, 1])), m(x, t, torch.tensor([2, 10])))
+    u = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=0).eval()
+    assert u.pos_embed.shape[1] == 17 and torch.equal(u(x, t, torch.tensor([1, 1])), u(x, t, torch.tensor([2, 3])))
