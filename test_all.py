@@ -767,3 +767,77 @@ def test_uvit_sdpa_equals_explicit_and_token_layout():
     assert not torch.equal(m(x, t, torch.tensor([1, 1])), m(x, t, torch.tensor([2, 10])))
     u = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=0).eval()
     assert u.pos_embed.shape[1] == 17 and torch.equal(u(x, t, torch.tensor([1, 1])), u(x, t, torch.tensor([2, 3])))
+
+
+# ===================================================================================================
+# mdt.py
+# ===================================================================================================
+
+import mdt  # noqa: E402
+
+
+def test_mdt_param_counts_and_keys():
+    m = meta_model(mdt.MDT_models, "MDTv2-XL/2", input_size=32)
+    total = count(m)
+    side = count(m.sideblocks) + m.mask_token.numel()
+    assert total == 742_263_904 and total - side == 718_342_176          # fact sheet 3.2 (official code)
+    sd = m.state_dict()
+    assert len(sd) == 394
+    for k, s in {"pos_embed": (1, 256, 1152), "decoder_pos_embed": (1, 256, 1152), "mask_token": (1, 1, 1152),
+                 "y_embedder.embedding_table.weight": (1001, 1152), "en_inblocks.11.attn.qkv.bias": (3456,),
+                 "en_outblocks.0.skip_linear.weight": (1152, 2304), "de_blocks.3.skip_linear.weight": (1152, 2304),
+                 "sideblocks.0.attn.rel_pos_bias.relative_position_bias_table": (964, 16),
+                 "de_blocks.0.attn.rel_pos_bias.relative_position_index": (256, 256),
+                 "final_layer.linear.weight": (32, 1152)}.items():
+        assert tuple(sd[k].shape) == s, k
+    assert "en_inblocks.0.skip_linear.weight" not in sd and "sideblocks.0.skip_linear.weight" not in sd
+    assert count(meta_model(mdt.MDT_models, "MDTv2-S/2", input_size=32)) == 38_454_872
+    for name, millions in [("MDTv2-L/2", 507.02), ("MDTv2-B/2", 150.93)]:
+        assert round(count(meta_model(mdt.MDT_models, name, input_size=32)) / 1e6, 2) == millions
+
+
+def test_mdt_relative_position_index():
+    idx = mdt.relative_position_index(16)
+    assert idx.shape == (256, 256) and idx.dtype == torch.int64 and idx.max() == 960 and idx.min() == 0
+    # token i = (h 1, w 2) = 18, token j = (h 3, w 0) = 48: (1 - 3 + 15) * 31 + (2 - 0 + 15)
+    assert idx[18, 48] == 13 * 31 + 17 and idx[5, 5] == 15 * 31 + 15
+
+
+def test_mdt_attention_with_bias_equals_explicit():
+    torch.manual_seed(0)
+    attn = mdt.Attention(64, 4, grid=4)
+    nn_init = attn.rel_pos_bias.relative_position_bias_table
+    torch.nn.init.normal_(nn_init, std=1.0)           # a strong bias, so a wrong one shows
+    x = torch.randn(2, 16, 64)
+    q, k, v = attn.qkv(x).reshape(2, 16, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    ref = attn.proj(mdt.attention_reference(q, k, v, attn.rel_pos_bias()).transpose(1, 2).reshape(2, 16, 64))
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+    ids_keep = torch.stack([torch.randperm(16)[:9] for _ in range(2)])          # masked: kept tokens only
+    xk = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, 64))
+    q, k, v = attn.qkv(xk).reshape(2, 9, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    full = attn.rel_pos_bias()
+    bias = torch.stack([full[:, ids_keep[b]][:, :, ids_keep[b]] for b in range(2)])
+    ref = attn.proj(mdt.attention_reference(q, k, v, bias).transpose(1, 2).reshape(2, 9, 64))
+    torch.testing.assert_close(attn(xk, ids_keep), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mdt_masking_keeps_the_requested_tokens():
+    torch.manual_seed(0)
+    m = mdt.MDT_models["MDTv2-Tiny/2"](input_size=8, in_channels=1, num_classes=10)
+    x = torch.randn(3, 16, 128)
+    for ratio in (0.3, 0.45, 0.5):
+        kept, mask, ids_restore, ids_keep = m.random_masking(x, ratio)
+        K = int(16 * (1 - ratio))
+        assert kept.shape == (3, K, 128) and torch.equal(mask.sum(1), torch.full((3,), 16.0 - K))
+        assert all(len(set(r.tolist())) == K for r in ids_keep)                          # distinct tokens
+        assert torch.equal(torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, 128)), kept)
+        c = torch.randn(3, 128)
+        full = m.side_interpolater(kept, c, mask, ids_restore)
+        assert full.shape == (3, 16, 128)
+        # kept positions carry the encoder tokens (+ decoder positions) untouched by the side block
+        keep_pos = mask == 0
+        expect = torch.zeros_like(full)
+        expect.scatter_(1, ids_keep[..., None].expand(-1, -1, 128), kept)
+        torch.testing.assert_close(full[keep_pos], (expect + m.decoder_pos_embed)[keep_pos])
+    y = m(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4]), mask_ratio=0.3)
+    assert y.shape == (2, 2, 8, 8)
