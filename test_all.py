@@ -841,3 +841,63 @@ def test_mdt_masking_keeps_the_requested_tokens():
         torch.testing.assert_close(full[keep_pos], (expect + m.decoder_pos_embed)[keep_pos])
     y = m(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4]), mask_ratio=0.3)
     assert y.shape == (2, 2, 8, 8)
+
+
+# ===================================================================================================
+# diffit.py
+# ===================================================================================================
+
+import diffit  # noqa: E402
+
+
+def test_diffit_latent_params_and_keys():
+    m = meta_model(diffit.DiffiT_models, "DiffiT-XL/2", input_size=32)
+    assert count(m) - m.pos_embed.numel() == 561_035_232          # fact sheet 3.3: 561.04M trainable (Tab. 9: 561M)
+    sd = m.state_dict()
+    assert len(sd) == 8 + 28 * 12 + 2          # embedders, 12 per block (incl. the index buffer), head
+    for k, s in {"pos_embed": (1, 256, 1152), "x_embedder.proj.weight": (1152, 4, 2, 2),
+                 "t_embedder.mlp.0.weight": (1152, 256), "y_embedder.embedding_table.weight": (1001, 1152),
+                 "blocks.27.attn.qkv_temb.weight": (3456, 1152), "blocks.0.attn.qkv_temb.bias": (3456,),
+                 "blocks.0.attn.qkv.bias": (3456,), "blocks.0.attn.relative_position_bias_table": (961, 16),
+                 "blocks.0.attn.relative_position_index": (256, 256), "blocks.0.mlp.fc1.weight": (4608, 1152),
+                 "final_layer.linear.weight": (32, 1152)}.items():
+        assert tuple(sd[k].shape) == s, k
+    assert not any("norm" in k or "adaLN" in k for k in sd)
+    big = meta_model(diffit.DiffiT_models, "DiffiT-XL/2", input_size=64).state_dict()
+    assert tuple(big["blocks.0.attn.relative_position_bias_table"].shape) == (63 ** 2, 16)
+
+
+def test_tmsa_equals_its_equations():
+    torch.manual_seed(0)
+    attn = diffit.TMSA(64, 32, 4, window=3)
+    torch.nn.init.normal_(attn.relative_position_bias_table, std=1.0)
+    torch.nn.init.normal_(attn.qkv_temb.bias)
+    x, temb = torch.randn(2, 9, 64), torch.randn(2, 32)
+    torch.testing.assert_close(attn(x, temb), diffit.tmsa_reference(x, temb, attn), atol=1e-5, rtol=1e-5)
+    # the time token shifts q, k, v: a different x_t changes the output
+    assert not torch.allclose(attn(x, temb), attn(x, temb + 1))
+
+
+def test_window_partition_merge_roundtrip():
+    x = torch.randn(2, 5, 8, 12)
+    w = diffit.window_partition(x, 4)
+    assert w.shape == (2 * 2 * 3, 16, 5)
+    assert torch.equal(w[0, 1], x[0, :, 0, 1]) and torch.equal(w[1, 0], x[0, :, 0, 4])   # window (0, 1) starts at col 4
+    assert torch.equal(diffit.window_merge(w, 4, 2, 8, 12), x)
+
+
+def test_diffit_image_space_model():
+    u = diffit.DiffiT_models["DiffiT-CIFAR10"](input_size=32)
+    assert u.enc[0][0].block.attn.num_heads == 4 and u.enc[1][0].block.attn.num_heads == 8   # head dim 32
+    assert [len(l) for l in u.enc] == [4, 4, 4] and len(u.dec) == 2
+    with pytest.raises(ValueError):
+        diffit.DiffiT_models["DiffiT-FFHQ64"](input_size=32)   # 32 is not divisible by window 8 x 2^3
+    torch.manual_seed(0)
+    for obj in (ddpm.GaussianDiffusion(), sit.Transport()):
+        m = diffit.DiffiT_models["DiffiT-UNet-Tiny"](input_size=8, in_channels=1, out_channels=obj.out_channels(1),
+                                                     num_classes=10)
+        x, y = train.load_digits("train")
+        loss = obj.loss(m, x[:4], y[:4])["loss"].mean()
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert m.eval()(x[:2], torch.tensor([1.0, 2.0]), y[:2]).abs().max() == 0      # zero-init head
