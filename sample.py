@@ -43,19 +43,36 @@ def get_parser():
     return p
 
 
-# Sampling settings of each paper, used for recognised official files unless a flag says otherwise:
-# (family, objective) -> settings; cfg_scale is (FID setting for .npz, visual setting for grids).
-PAPER_SETTINGS = {
-    ("dit", "ddpm"): dict(sampler="ddpm", sample_steps=250, cfg_scale=(1.5, 4.0), cfg_channels=3),      # DiT Tab. 2, sample.py
-    ("dit", "sit"): dict(sampler="sde-euler", sample_steps=250, cfg_scale=(1.5, 4.0), cfg_channels=3),  # SiT Tab. 7 (SDE 2.06)
+# Each paper's sampler for its released checkpoints; cfg_scale is (FID setting for .npz, visual setting for grids).
+DDPM_LINEAR = dict(name="ddpm", beta_schedule="linear", learn_sigma=True, timestep_offset=0, min_snr=False)
+OFFICIAL = {
+    # DiT Tab. 2 / sample.py: 250 DDPM steps, 3-channel guidance 1.5 (FID) / 4.0 (visuals)
+    "DiT": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(1.5, 4.0), cfg_channels=3)),
+    # SiT Tab. 7: SDE Euler-Maruyama 250 steps, sigma diffusion, last step Mean, guidance 1.5 (FID 2.06)
+    "SiT": (dict(name="sit", path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None,
+                 sample_eps=None), dict(sampler="sde-euler", sample_steps=250, cfg_scale=(1.5, 4.0), cfg_channels=3)),
+    # U-ViT-H: discrete SD scaled-linear schedule, eps model, 1-indexed steps; DPM-Solver 50 steps, all-channel
+    # guidance 0.4 in their convention = 1.4 here (FID 2.29)
+    "U-ViT-discrete": (dict(name="ddpm", beta_schedule="scaled_linear", learn_sigma=False, timestep_offset=1,
+                            min_snr=False), dict(sampler="dpm++", sample_steps=50, cfg_scale=(1.4, 4.0))),
+    # U-ViT-L: continuous VP SDE (= sit.py's VP path), noise model fed 999 * (1 - t); DPM-Solver 50 NFE in the
+    # paper, here an ODE solver on the same probability flow; guidance 1.4 (FID 3.40)
+    "U-ViT-continuous": (dict(name="sit", path_type="VP", prediction="noise", loss_weight=None, train_eps=None,
+                              sample_eps=1e-4, time_scale=999.0, time_reverse=True),
+                         dict(sampler="ode-heun", sample_steps=26, cfg_scale=(1.4, 4.0))),
+    # MDTv2 image_sample.py: 250 DDPM steps, 3-channel power-cosine guidance 3.8, scale_pow 4 (FID 1.58)
+    "MDT": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(3.8, 4.0), cfg_channels=3, scale_pow=4.0)),
+    # DiffiT slurm_sample_256.sh: 250 DDPM steps, 3-channel power-cosine 4.4, pow 4 (FID 1.73); 512: constant 1.49
+    "DiffiT-256": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(4.4, 4.4), cfg_channels=3, scale_pow=4.0)),
+    "DiffiT-512": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(1.49, 4.0), cfg_channels=3)),
 }
 
 
-def apply_paper_settings(args, family, objective, argv, npz):
+def apply_paper_settings(args, settings, argv, npz):
     """Fill the sampling flags the user did not give with the paper's settings; say what was used."""
     given = {a.dest for a in get_parser()._actions if any(o in argv for o in a.option_strings)}
     used = {}
-    for k, v in PAPER_SETTINGS.get((family, objective), {}).items():
+    for k, v in settings.items():
         if k not in given:
             setattr(args, k, v[0 if npz else 1] if isinstance(v, tuple) else v)
             used[k] = getattr(args, k)
@@ -63,35 +80,66 @@ def apply_paper_settings(args, family, objective, argv, npz):
         print("paper sampling settings: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in used.items()))
 
 
+def n_blocks(sd, prefix):
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def size_name(family_prefix, D, depth, p, names):
+    if (D, depth) not in names:
+        raise UserError(f"a {family_prefix} state dict with width {D} and depth {depth} matches no registered config")
+    return f"{family_prefix}-{names[(D, depth)]}/{p}"
+
+
 def recognise_official(sd, args, path):
-    """(model_cfg, objective_cfg) for a plain official state dict; UserError if it is not one we know."""
+    """(model_cfg, objective_cfg, paper sampling settings) for the released files of DiT, SiT, U-ViT, MDTv2
+    and DiffiT, read off the key names and shapes; UserError for anything else."""
     sd = train.clean_state_dict(sd)
-    if "y_embedder.embedding_table.weight" in sd and "final_layer.linear.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
-        family = args.model or "dit"
-        D = sd["pos_embed"].shape[-1]
-        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        p = sd["x_embedder.proj.weight"].shape[-1]
-        names = {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"}
-        if (D, depth) not in names:
-            raise UserError(f"{path}: a DiT-like state dict with hidden {D} and depth {depth} matches no DiT config")
-        size = args.size or f"DiT-{names[(D, depth)]}/{p}"
-        in_ch = sd["x_embedder.proj.weight"].shape[1]
-        input_size = int(math.isqrt(sd["pos_embed"].shape[1])) * p
-        out_ch = sd["final_layer.linear.weight"].shape[0] // (p * p)
-        n_cls = sd["y_embedder.embedding_table.weight"].shape[0] - 1
-        model_cfg = dict(family=family, size=size, input_size=input_size, in_channels=in_ch, out_channels=out_ch,
-                         num_classes=n_cls, class_dropout_prob=0.1, official=True)
-        name = args.objective or ("sit" if "sit" in os.path.basename(path).lower() else "ddpm")
+    base = os.path.basename(path).lower()
+    if "en_inblocks.0.attn.qkv.weight" in sd:                                  # MDTv2
+        family, key = "mdt", "MDT"
+        D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
+        depth = 2 * n_blocks(sd, "en_inblocks.") + n_blocks(sd, "de_blocks.")
+        size = size_name("MDTv2", D, depth, p, {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"})
+        in_ch, grid = sd["x_embedder.proj.weight"].shape[1], math.isqrt(sd["pos_embed"].shape[1])
+        out_ch, n_cls = sd["final_layer.linear.weight"].shape[0] // (p * p), sd["y_embedder.embedding_table.weight"].shape[0] - 1
+    elif "blocks.0.attn.qkv_temb.weight" in sd:                                # latent DiffiT
+        family = "diffit"
+        D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
+        size = size_name("DiffiT", D, n_blocks(sd, "blocks."), p, {(1152, 28): "XL"})
+        in_ch, grid = sd["x_embedder.proj.weight"].shape[1], math.isqrt(sd["pos_embed"].shape[1])
+        out_ch, n_cls = sd["final_layer.linear.weight"].shape[0] // (p * p), sd["y_embedder.embedding_table.weight"].shape[0] - 1
+        key = "DiffiT-256" if grid * p <= 32 else "DiffiT-512"
+    elif "patch_embed.proj.weight" in sd and "mid_block.attn.qkv.weight" in sd:   # U-ViT
+        family = "unet_vit"
+        D, p = sd["patch_embed.proj.weight"].shape[0], sd["patch_embed.proj.weight"].shape[-1]
+        depth = 2 * n_blocks(sd, "in_blocks.")
+        size = size_name("U-ViT", D, depth, p, {(1152, 28): "H", (1024, 20): "L", (768, 16): "M", (512, 12): "S"})
+        in_ch = out_ch = sd["patch_embed.proj.weight"].shape[1]
+        n_cls = sd["label_emb.weight"].shape[0] - 1 if "label_emb.weight" in sd else 0
+        grid = math.isqrt(sd["pos_embed"].shape[1] - (2 if n_cls else 1))
+        key = "U-ViT-discrete" if size.startswith("U-ViT-H") else "U-ViT-continuous"
+    elif "y_embedder.embedding_table.weight" in sd and "blocks.0.attn.qkv.weight" in sd:   # DiT / SiT
+        family = "dit"
+        D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
+        size = size_name("DiT", D, n_blocks(sd, "blocks."), p, {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"})
+        in_ch, grid = sd["x_embedder.proj.weight"].shape[1], math.isqrt(sd["pos_embed"].shape[1])
+        out_ch, n_cls = sd["final_layer.linear.weight"].shape[0] // (p * p), sd["y_embedder.embedding_table.weight"].shape[0] - 1
+        key = "SiT" if (args.objective == "sit" or (args.objective is None and "sit" in base)) else "DiT"
     else:
-        raise UserError(f"{path}: not a checkpoint of this library and not an official state dict it recognises "
-                        "(pass --model/--size/--objective for other official files)")
-    if name == "ddpm":
-        obj = dict(name="ddpm", beta_schedule="linear", learn_sigma=out_ch == 2 * in_ch, timestep_offset=0, min_snr=False)
-    else:
-        obj = dict(name="sit", path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None)
-    print(f"{os.path.basename(path)}: official weights read as {size} at {input_size}x{input_size}x{in_ch}, "
-          f"{out_ch} outputs, {n_cls} classes; objective {name} (override with --objective)")
-    return model_cfg, obj
+        raise UserError(f"{path}: not a checkpoint of this library and not an official DiT/SiT/U-ViT/MDTv2/DiffiT "
+                        "state dict")
+    obj, settings = OFFICIAL[key]
+    if args.objective and args.objective != obj["name"] and family != "dit":
+        raise UserError(f"{path} is a {key} checkpoint; it samples with --objective {obj['name']}")
+    model_cfg = dict(family=family, size=args.size or size, input_size=grid * p, in_channels=in_ch, out_channels=out_ch,
+                     num_classes=n_cls, class_dropout_prob=0.1 if n_cls else 0.0, official=True)
+    if family == "unet_vit" and size.startswith("U-ViT-M"):
+        model_cfg["class_dropout_prob"] = 0.0                             # ImageNet-64: 1000 classes, no null row
+        model_cfg["num_classes"] = n_cls + 1
+    obj = dict(obj, learn_sigma=out_ch == 2 * in_ch) if obj["name"] == "ddpm" else obj
+    print(f"{os.path.basename(path)}: official {key} weights read as {model_cfg['size']} at {grid * p}x{grid * p}x{in_ch}, "
+          f"{out_ch} outputs, {n_cls} classes; objective {obj['name']}")
+    return model_cfg, obj, settings
 
 
 def load_for_sampling(args):
@@ -106,7 +154,8 @@ def load_for_sampling(args):
                             "classifier-free guidance is impossible; use --cfg-scale 1")
     else:                                                   # an official plain state dict
         weights = ckpt.get("ema", ckpt.get("model", ckpt))
-        model_cfg, obj_cfg = recognise_official(weights, args, args.ckpt)
+        model_cfg, obj_cfg, settings = recognise_official(weights, args, args.ckpt)
+        model_cfg["paper_settings"] = settings
         kind = "latents" if model_cfg["in_channels"] == 4 else "images"
     model = train.build_model(model_cfg)
     train.load_weights(model, weights, args.ckpt)
@@ -129,7 +178,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     model, objective, obj_name, kind, cfg = load_for_sampling(args)
     if cfg.get("official"):
-        apply_paper_settings(args, cfg["family"], obj_name, sys.argv[1:] if argv is None else argv,
+        apply_paper_settings(args, cfg["paper_settings"], sys.argv[1:] if argv is None else argv,
                              (args.out or "").endswith(".npz"))
     args.class_dropout, args.model, args.objective = cfg["class_dropout_prob"], cfg["family"], obj_name
     args = train.resolve_args(args, "digits" if kind == "digits" else "official")

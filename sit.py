@@ -94,7 +94,8 @@ class Transport:
     SIGMA_MIN, SIGMA_MAX = 0.1, 20.0       # VP path
     DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 
-    def __init__(self, path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None):
+    def __init__(self, path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None,
+                 time_scale=1.0, time_reverse=False):
         if path_type not in ("Linear", "GVP", "VP"):
             raise ValueError(f"unknown path_type {path_type!r} (Linear, GVP, VP)")
         if prediction not in ("velocity", "score", "noise"):
@@ -112,6 +113,12 @@ class Transport:
         self.train_eps = d_train if train_eps is None else train_eps
         self.sample_eps = d_sample if sample_eps is None else sample_eps
         self.nfe = 0   # model evaluations of the last sample() call
+        # what the backbone is fed: time_scale * t, or time_scale * (1 - t) with time_reverse (U-ViT's continuous
+        # VP checkpoints were trained with 999 * s, s = 1 - t the diffusion time); SiT itself: raw t
+        self.time_scale, self.time_reverse = time_scale, time_reverse
+
+    def model_t(self, t):
+        return self.time_scale * ((1 - t) if self.time_reverse else t)
 
     def out_channels(self, in_channels):
         return in_channels
@@ -179,7 +186,7 @@ class Transport:
         te = expand(t.float(), x1)
         alpha, dalpha, sigma, dsigma = self.alpha_sigma(te)
         x_t = alpha * x1 + sigma * x0                                  # Eq. 1 (code time)
-        out = model(x_t, t, y, **(model_kwargs or {}))[:, :x1.shape[1]].float()
+        out = model(x_t, self.model_t(t), y, **(model_kwargs or {}))[:, :x1.shape[1]].float()
         if self.prediction == "velocity":
             return dict(loss=mean_flat((out - (dalpha * x1 + dsigma * x0)) ** 2))   # Eq. 3
         g = self.drift_coeffs(te)[1]
@@ -193,7 +200,7 @@ class Transport:
         """Probability-flow velocity v(x, t) and (if needed) the score, from one (guided) model call."""
         self.nfe += 1
         tb = torch.full((x.shape[0],), float(t), device=x.device)
-        out = guided_model(model, x, tb, y, w, cfg_channels, model_kwargs)[:, :x.shape[1]].float()
+        out = guided_model(model, x, self.model_t(tb), y, w, cfg_channels, model_kwargs)[:, :x.shape[1]].float()
         te = expand(tb, x)
         alpha, dalpha, sigma, dsigma = self.alpha_sigma(te)
         a, g = self.drift_coeffs(te)

@@ -433,18 +433,13 @@ def test_sample_rejects_bad_labels_and_foreign_weights(tmp_path):
 
 
 def test_official_dit_state_dict_is_recognised(tmp_path):
-    """A plain state dict with the official keys (as DiT-XL-2-256x256.pt / SiT-XL-2-256x256.pt; built here at
-    S/8 size to stay fast) is read as the right config and loads strictly."""
+    """A small DiT in the official layout samples end to end (PNG), with the paper settings overridable."""
     import sample
     torch.manual_seed(0)
-    m = dit.DiT_models["DiT-S/8"](input_size=32)
-    torch.save(m.state_dict(), tmp_path / "SiT-S-8-256x256.pt")
-    args = sample.get_parser().parse_args(["--ckpt", str(tmp_path / "SiT-S-8-256x256.pt")])
-    model, obj, name, kind, cfg = sample.load_for_sampling(args)
-    assert cfg["size"] == "DiT-S/8" and cfg["input_size"] == 32 and cfg["out_channels"] == 8 and kind == "latents"
-    assert name == "sit"
-    for k, v in m.state_dict().items():
-        assert torch.equal(model.state_dict()[k], v)
+    m = dit.DiT_models["DiT-S/8"](input_size=16, in_channels=3, num_classes=5)   # 3 channels: no VAE needed
+    path = official_like(tmp_path, "DiT-S-8-128x128.pt", m)
+    out = sample.main(["--ckpt", path, "--out", str(tmp_path / "g.png"), "--sample-steps", "3", "--num-samples", "4"])
+    assert os.path.exists(out)
 
 
 def test_torchrun_two_processes_equal_one(tmp_path):
@@ -673,11 +668,51 @@ def test_overfit_one_batch_sit():
 def test_paper_sampling_settings_for_official_files():
     import sample
     args = sample.get_parser().parse_args(["--ckpt", "x.pt", "--sample-steps", "10"])
-    sample.apply_paper_settings(args, "dit", "ddpm", ["--ckpt", "x.pt", "--sample-steps", "10"], npz=True)
+    sample.apply_paper_settings(args, sample.OFFICIAL["DiT"][1], ["--ckpt", "x.pt", "--sample-steps", "10"], npz=True)
     assert (args.sampler, args.sample_steps, args.cfg_scale, args.cfg_channels) == ("ddpm", 10, 1.5, 3)
     args = sample.get_parser().parse_args(["--ckpt", "x.pt"])
-    sample.apply_paper_settings(args, "dit", "sit", ["--ckpt", "x.pt"], npz=False)
+    sample.apply_paper_settings(args, sample.OFFICIAL["SiT"][1], ["--ckpt", "x.pt"], npz=False)
     assert (args.sampler, args.sample_steps, args.cfg_scale) == ("sde-euler", 250, 4.0)
+
+
+def official_like(tmp_path, name, model):
+    """A file laid out as a released checkpoint: a plain state dict (official U-ViT .pth files too)."""
+    torch.save(model.state_dict(), tmp_path / name)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("fname,registry,size,input_size,want", [
+    ("DiT-XL-2-256x256.pt", "dit", "DiT-XL/2", 32, ("dit", "DiT-XL/2", 32, "ddpm")),
+    ("DiT-XL-2-512x512.pt", "dit", "DiT-XL/2", 64, ("dit", "DiT-XL/2", 64, "ddpm")),
+    ("SiT-XL-2-256x256.pt", "dit", "DiT-XL/2", 32, ("dit", "DiT-XL/2", 32, "sit")),
+    ("imagenet256_uvit_huge.pth", "unet_vit", "U-ViT-H/2", 32, ("unet_vit", "U-ViT-H/2", 32, "ddpm")),
+    ("imagenet256_uvit_large.pth", "unet_vit", "U-ViT-L/2", 32, ("unet_vit", "U-ViT-L/2", 32, "sit")),
+    ("mdt_xl2_v2_ckpt.pt", "mdt", "MDTv2-XL/2", 32, ("mdt", "MDTv2-XL/2", 32, "ddpm")),
+    ("diffit_imagenet256.pth", "diffit", "DiffiT-XL/2", 32, ("diffit", "DiffiT-XL/2", 32, "ddpm")),
+    ("diffit_imagenet512.pth", "diffit", "DiffiT-XL/2", 64, ("diffit", "DiffiT-XL/2", 64, "ddpm")),
+])
+def test_official_checkpoints_are_recognised(fname, registry, size, input_size, want):
+    """Every released layout (our models carry the official key names; shapes only, on the meta device) is
+    read as the right model, objective and paper sampling settings, and fits the model it builds."""
+    import sample
+    reg = train.registry(registry)
+    sd = meta_model(reg, size, input_size=input_size).state_dict()
+    args = sample.get_parser().parse_args(["--ckpt", fname])
+    cfg, obj_cfg, settings = sample.recognise_official(sd, args, fname)
+    assert (cfg["family"], cfg["size"], cfg["input_size"], obj_cfg["name"]) == want
+    with torch.device("meta"):
+        built = train.build_model(cfg).state_dict()
+    assert {k: tuple(v.shape) for k, v in built.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    obj = train.build_objective(obj_cfg)
+    if size == "U-ViT-H/2":
+        assert obj.beta_schedule == "scaled_linear" and obj.timestep_offset == 1 and not obj.learn_sigma
+        assert settings["sampler"] == "dpm++" and settings["cfg_scale"][0] == 1.4
+    if size == "U-ViT-L/2":
+        assert obj.path_type == "VP" and obj.prediction == "noise" and obj.model_t(torch.tensor(0.25)) == 999 * 0.75
+    if registry in ("mdt", "diffit") and input_size == 32:
+        assert settings["scale_pow"] == 4.0 and settings["cfg_channels"] == 3
+    if registry == "diffit" and input_size == 64:
+        assert settings["cfg_scale"][0] == 1.49 and "scale_pow" not in settings
 
 
 # ===================================================================================================

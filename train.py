@@ -167,7 +167,8 @@ def build_objective(cfg):
                                       mse_weight="min_snr_5" if cfg.get("min_snr") else None)
     import sit
     return sit.Transport(path_type=cfg["path_type"], prediction=cfg["prediction"], loss_weight=cfg["loss_weight"],
-                         train_eps=cfg["train_eps"], sample_eps=cfg["sample_eps"])
+                         train_eps=cfg["train_eps"], sample_eps=cfg["sample_eps"],
+                         time_scale=cfg.get("time_scale", 1.0), time_reverse=cfg.get("time_reverse", False))
 
 
 def objective_config(args):
