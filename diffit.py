@@ -373,7 +373,7 @@ DiffiT_models = {
     "DiffiT-FFHQ64": partial(DiffiTUNet, channels=(128, 256, 256, 256), blocks=4, window=8),
     # ours, not in the paper: small configs for CPU runs on the 8x8 digits
     "DiffiT-Tiny/2": partial(DiffiT, patch_size=2, depth=4, hidden_size=128, num_heads=4),
-    "DiffiT-UNet-Tiny": partial(DiffiTUNet, channels=(32, 64), blocks=1, window=4, temb_dim=128, head_dim=16, groups=8),
+    "DiffiT-UNet-Tiny": partial(DiffiTUNet, channels=(64, 128), blocks=2, window=4, temb_dim=256, head_dim=32, groups=8),
 }
 
 

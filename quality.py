@@ -110,15 +110,17 @@ def evaluate_all(args):
     """Train every backbone x objective on the digits with one seed and budget, then judge."""
     net, acc_real = train_classifier(args.seed)
     rows = []
-    for family in args.models:
+    for variant in args.models:
+        family, _, size = variant.partition(":")
         for objective in args.objectives:
             t0 = time.time()
             run = train.main(["--model", family, "--objective", objective, "--steps", str(args.steps), "--seed", str(args.seed),
-                              "--results-dir", args.results_dir, "--no-progress", "--sample-every", "0"])
+                              "--results-dir", args.results_dir, "--no-progress", "--sample-every", "0"]
+                             + (["--size", size] if size else []))
             train_s = time.time() - t0
-            row = dict(model=family, objective=objective, steps=args.steps, train_s=round(train_s, 1))
+            row = dict(model=size or train.FAMILIES[family][2], objective=objective, steps=args.steps, train_s=round(train_s, 1))
             for w in args.cfg_scales:
-                r = evaluate_run(net, run, w, seed=args.seed)
+                r = evaluate_run(net, run, w, steps=args.sample_steps, seed=args.seed)
                 row[f"acc_cfg{w}"], row[f"fd_cfg{w}"] = round(r["accuracy"], 3), round(r["fd"], 2)
             row["fd_floor"] = round(r["fd_floor"], 2)
             rows.append(row)
@@ -137,7 +139,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Judge digit samples with a classifier trained on real digits.")
     p.add_argument("--samples", help="an .npz written by sample.py (arr_0 and labels)")
     p.add_argument("--all", action="store_true", help="train and judge every backbone x objective")
-    p.add_argument("--models", nargs="+", default=list(train.FAMILIES), help="families for --all (default: all)")
+    p.add_argument("--models", nargs="+", default=list(train.FAMILIES) + ["diffit:DiffiT-UNet-Tiny"],
+                   help="FAMILY or FAMILY:SIZE for --all (default: every family's Tiny config + image-space DiffiT)")
+    p.add_argument("--sample-steps", type=int, default=250, help="steps of each objective's default sampler (default: 250)")
     p.add_argument("--objectives", nargs="+", default=list(train.OBJECTIVES), help="objectives for --all (default: all)")
     p.add_argument("--steps", type=int, default=2000, help="training steps per pair for --all (default: 2000)")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to judge (default: 1 3)")
