@@ -34,7 +34,8 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="seed for noise and labels (default: 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 or bf16 autocast (default: fp32)")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="VAE to decode latents (diffusers id or local path)")
+    p.add_argument("--vae", default=None, help="VAE to decode latents, diffusers id or local path (default: the one "
+                   "the training latents were made with, else stabilityai/sd-vae-ft-ema)")
     p.add_argument("--model", default=None, help="official files only: backbone family (default: read off the keys)")
     p.add_argument("--size", default=None, help="official files only: registry name (default: read off the shapes)")
     p.add_argument("--objective", default=None, help="official files only: ddpm or sit (default: from the file name)")
@@ -149,6 +150,8 @@ def load_for_sampling(args):
         model_cfg, obj_cfg = ckpt["config"]["model"], ckpt["config"]["objective"]
         weights = ckpt["model"] if args.no_ema else ckpt["ema"]
         kind = ckpt["config"]["data"]["kind"]
+        if args.vae is None and (ckpt["config"]["data"].get("meta") or {}).get("vae"):
+            args.vae = ckpt["config"]["data"]["meta"]["vae"]
         if args.cfg_scale not in (None, 1.0) and model_cfg["class_dropout_prob"] == 0:
             raise UserError("this model was trained without label dropout, so it has no null label: "
                             "classifier-free guidance is impossible; use --cfg-scale 1")
@@ -177,6 +180,7 @@ def decode_latents(z, vae_id, device):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     model, objective, obj_name, kind, cfg = load_for_sampling(args)
+    args.vae = args.vae or "stabilityai/sd-vae-ft-ema"
     if cfg.get("official"):
         apply_paper_settings(args, cfg["paper_settings"], sys.argv[1:] if argv is None else argv,
                              (args.out or "").endswith(".npz"))

@@ -936,3 +936,113 @@ def test_diffit_image_space_model():
         loss.backward()
         assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
     assert m.eval()(x[:2], torch.tensor([1.0, 2.0]), y[:2]).abs().max() == 0      # zero-init head
+
+
+# ===================================================================================================
+# extract_latents.py -> train.py --data LATENTS -> sample.py (VAE decode) -> .npz, with a tiny random VAE
+# ===================================================================================================
+
+diffusers = pytest.importorskip("diffusers") if os.environ.get("CI") != "true" else __import__("diffusers")
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from diffusers.models import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return str(path), vae.eval()
+
+
+def make_imagenet_like(root, n_per_class=5):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for ci, c in enumerate(["n01", "n02", "n03"]):
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(n_per_class):
+            w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / c / f"img{i}.JPEG")
+    (root / "n02" / "zz_corrupt.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+def test_center_crop_arr():
+    import extract_latents
+    from PIL import Image
+    im = Image.fromarray(np.arange(100 * 300 * 3, dtype=np.uint8).reshape(100, 300, 3) % 251)
+    out = extract_latents.center_crop_arr(im, 32)             # 300x100 -> halve to 150x50 -> 96x32 -> centre 32x32
+    assert out.shape == (32, 32, 3)
+    ref = np.asarray(im.resize((150, 50), Image.BOX).resize((96, 32), Image.BICUBIC))[:, 32:64]
+    assert np.array_equal(out, ref)
+
+
+def test_latent_pipeline_end_to_end(tmp_path, tiny_vae):
+    import extract_latents
+    import sample
+    vae_path, vae = tiny_vae
+    data = make_imagenet_like(tmp_path / "imagenet")
+    out = str(tmp_path / "lat")
+    argv = ["--data-path", str(data), "--out", out, "--image-size", "32", "--vae", vae_path, "--batch-size", "4",
+            "--num-workers", "0"]
+    real_load = extract_latents.load_vae
+
+    def failing_vae(name, device):                         # dies on its second batch, like a preempted job
+        v = real_load(name, device)
+        calls = {"n": 0}
+        encode = v.encode
+
+        def enc(x):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            return encode(x)
+        v.encode = enc
+        return v
+    extract_latents.load_vae = failing_vae
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            extract_latents.main(argv)
+    finally:
+        extract_latents.load_vae = real_load
+    assert json.load(open(os.path.join(out, "meta.json")))["num_done"] == 4
+    extract_latents.main(argv)                              # the same command resumes at row 4
+    with pytest.raises(extract_latents.UserError, match="already complete"):
+        extract_latents.main(argv)
+    with pytest.raises(extract_latents.UserError, match="other settings"):
+        extract_latents.main(argv[:5] + ["64"] + argv[6:])
+    clean = str(tmp_path / "clean")
+    extract_latents.main(argv[:3] + [clean] + argv[4:])
+    assert np.array_equal(np.load(os.path.join(out, "moments.npy")), np.load(os.path.join(clean, "moments.npy")))
+    m_clean = np.load(os.path.join(clean, "moments.npy"))
+    labels = np.load(os.path.join(clean, "labels.npy"))
+    meta = json.load(open(os.path.join(clean, "meta.json")))
+    assert m_clean.shape == (16, 2, 8, 4, 4) and m_clean.dtype == np.float16 and labels.dtype == np.int64
+    assert labels.tolist() == [0] * 5 + [1] * 5 + [-1] + [2] * 5 and meta["unreadable"] == ["n02/zz_corrupt.JPEG"]
+    assert meta["num_done"] == 16 and meta["scale_factor"] == 0.18215 and meta["classes"] == ["n01", "n02", "n03"]
+    # [:, 1] holds the moments of the flipped image (encoded separately here)
+    from PIL import Image
+    with Image.open(data / "n01" / "img2.JPEG") as im:
+        a = extract_latents.center_crop_arr(im.convert("RGB"), 32)
+    x = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        post = vae.encode(x.flip(-1)).latent_dist
+    np.testing.assert_allclose(m_clean[2, 1, :4], post.mean[0].numpy(), atol=2e-3, rtol=1e-2)
+    np.testing.assert_allclose(m_clean[2, 1, 4:], post.std[0].numpy(), atol=2e-3, rtol=1e-2)
+    # train on the latents (the -1 row is skipped), sample, decode through the VAE, write the ADM npz
+    run = train.main(["--data", clean, "--model", "dit", "--size", "DiT-Tiny/2", "--steps", "2", "--batch-size", "4",
+                      "--no-progress", "--sample-every", "0", "--results-dir", str(tmp_path / "runs")])
+    npz = sample.main(["--ckpt", run, "--out", str(tmp_path / "s.npz"), "--num-samples", "5", "--sample-steps", "3"])
+    d = np.load(npz)
+    assert d["arr_0"].shape == (5, 32, 32, 3) and d["arr_0"].dtype == np.uint8
+    assert json.load(open(tmp_path / "s.json"))["vae"] == vae_path
+
+
+def test_missing_diffusers_is_one_line(tmp_path):
+    code = ("import sys; sys.modules['diffusers'] = None; sys.argv = ['x', '--data-path', %r, '--out', %r];"
+            "import runpy; runpy.run_path(%r, run_name='__main__')") % (
+        str(make_imagenet_like(tmp_path / "d", 1)), str(tmp_path / "o"), os.path.join(HERE, "extract_latents.py"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: extract_latents.py needs diffusers: pip install diffusers"

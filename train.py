@@ -327,9 +327,10 @@ def load_data(args):
         if n < meta["num_images"] and int(os.environ.get("RANK", 0)) == 0:
             print(f"warning: extraction unfinished, training on the first {n} of {meta['num_images']} images")
         mom = np.load(os.path.join(args.data, "moments.npy"), mmap_mode="r")[:n]   # (N, 2 flips, 2C, h, w) fp16
-        lab = torch.from_numpy(np.array(np.load(os.path.join(args.data, "labels.npy"), mmap_mode="r")[:n]))
-        return dict(x=mom, y=lab, num_classes=meta["num_classes"], kind="latents", meta=meta,
-                    shape=(meta["latent_channels"], meta["latent_size"]), scale=meta["scale_factor"])
+        lab = np.array(np.load(os.path.join(args.data, "labels.npy"), mmap_mode="r")[:n])
+        rows = np.flatnonzero(lab >= 0)                                  # label -1: the image could not be decoded
+        return dict(x=mom, rows=rows, y=torch.from_numpy(lab[rows]), num_classes=meta["num_classes"], kind="latents",
+                    meta=meta, shape=(meta["latent_channels"], meta["latent_size"]), scale=meta["scale_factor"])
     x, y, classes = load_image_folder(args.data, args.image_size or 32)
     return dict(x=x, y=y, num_classes=len(classes), kind="images", classes=classes, shape=(x.shape[1], x.shape[-1]))
 
@@ -339,9 +340,10 @@ def get_batch(data, idx, flip, eps, device):
     flip, then draw a fresh posterior sample z = scale * (mean + std * eps), as DiT does on the fly."""
     if data["kind"] != "latents":
         return data["x"][idx].to(device), data["y"][idx].to(device)
-    order = np.argsort(idx.numpy())                              # sorted reads are faster on a memmap
+    r = data["rows"][idx.numpy()]
+    order = np.argsort(r)                                        # sorted reads are faster on a memmap
     rows = np.empty((len(idx),) + data["x"].shape[1:], dtype=data["x"].dtype)
-    rows[order] = data["x"][idx.numpy()[order]]
+    rows[order] = data["x"][r[order]]
     m = torch.from_numpy(rows)                                   # (n, 2, 2C, h, w) fp16
     m = (m.pin_memory() if device.type == "cuda" else m).to(device, non_blocking=True)
     m = torch.where(flip[:, None, None, None], m[:, 1], m[:, 0]).float()   # (n, 2C, h, w)
