@@ -188,7 +188,16 @@ def main(argv=None):
     args = train.resolve_args(args, "digits" if kind == "digits" else "official")
     if args.batch_size <= 0:
         raise UserError("--batch-size must be positive")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if ddp:                                   # torchrun: each process samples every world-th chunk
+        import torch.distributed as dist
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     model.to(device)
     n_cls, C, H = cfg["num_classes"], cfg["in_channels"], cfg["input_size"]
@@ -197,28 +206,52 @@ def main(argv=None):
     n = args.num_samples or (len(args.class_labels) if args.class_labels else min(4 * n_cls, 40))
     if n <= 0:
         raise UserError("--num-samples must be positive")
-    g = torch.Generator().manual_seed(args.seed)
     if args.class_labels:
         bad = [c for c in args.class_labels if not 0 <= c < n_cls]
         if bad:
             raise UserError(f"class labels {bad} are outside [0, {n_cls})")
         y = torch.tensor(args.class_labels).repeat(math.ceil(n / len(args.class_labels)))[:n]
-    elif npz and not args.balanced:
-        y = torch.randint(0, n_cls, (n,), generator=g)      # uniform random labels, as ADM/DiT FID sampling
+    elif npz and not args.balanced:           # uniform random labels, as ADM/DiT FID sampling
+        y = torch.randint(0, n_cls, (n,), generator=torch.Generator().manual_seed(args.seed))
     else:
-        y = torch.arange(n) % n_cls                         # class-balanced
-    z = torch.randn(n, C, H, H, generator=g)
+        y = torch.arange(n) % n_cls           # class-balanced
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else torch.autocast(device.type, enabled=False)
-    torch.manual_seed(args.seed)
+    # Chunk c of batch-size samples draws its noise from seed (args.seed, c): the samples do not depend on
+    # the number of processes, and no process holds all the noise.
+    starts = list(range(0, n, args.batch_size))
+    mine = starts[rank::world]
     chunks = []
-    for i in range(0, n, args.batch_size):
+    for c, i in enumerate(starts):
+        if i not in mine:
+            continue
+        b = min(args.batch_size, n - i)
+        torch.manual_seed(args.seed * 1_000_003 + c)                  # also the sampler's own noise (SDE, DDPM)
+        z = torch.randn(b, C, H, H, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + c))
         with amp:
-            x = train.sample_images(objective, model, z[i:i + args.batch_size].to(device), y[i:i + args.batch_size].to(device),
-                                    obj_name, args, progress=sys.stderr.isatty())
+            x = train.sample_images(objective, model, z.to(device), y[i:i + b].to(device), obj_name, args,
+                                    progress=sys.stderr.isatty() and rank == 0)
         if kind == "latents":
             x = decode_latents(x.float(), args.vae, device)
         chunks.append(x.float().cpu())
-    x = torch.cat(chunks)
+    x = torch.cat(chunks) if chunks else torch.zeros(0)
+    if ddp:                                   # gather on rank 0 through part files next to the output
+        part = f"{out}.part{rank}.pt"
+        torch.save(dict(starts=mine, x=x), part)
+        dist.barrier()
+        if rank != 0:
+            dist.destroy_process_group()
+            return out
+        full = torch.zeros(n, *x.shape[1:])
+        for r in range(world):
+            p = torch.load(f"{out}.part{r}.pt", weights_only=True)
+            off = 0
+            for i in p["starts"]:
+                b = min(args.batch_size, n - i)
+                full[i:i + b] = p["x"][off:off + b]
+                off += b
+            os.remove(f"{out}.part{r}.pt")
+        x = full
+        dist.destroy_process_group()
     if npz:
         # ADM/DiT conversion: clamp(127.5 x + 128, 0, 255) then truncate to uint8; NHWC
         arr = (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

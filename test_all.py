@@ -1046,3 +1046,21 @@ def test_missing_diffusers_is_one_line(tmp_path):
         str(make_imagenet_like(tmp_path / "d", 1)), str(tmp_path / "o"), os.path.join(HERE, "extract_latents.py"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: extract_latents.py needs diffusers: pip install diffusers"
+
+
+def test_sample_npz_sharded_with_torchrun_equals_one_process(tmp_path):
+    import socket
+    import sample
+    run = train.main(QUICK + ["--results-dir", str(tmp_path), "--steps", "2"])
+    common = ["--ckpt", run, "--num-samples", "10", "--batch-size", "3", "--sample-steps", "4"]
+    one = np.load(sample.main(common + ["--out", str(tmp_path / "one.npz")]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                        "--master_port", str(port), os.path.join(HERE, "sample.py"), *common, "--out", str(tmp_path / "two.npz")],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = np.load(tmp_path / "two.npz")
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
+    assert not [f for f in os.listdir(tmp_path) if ".part" in f]
