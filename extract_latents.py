@@ -123,16 +123,9 @@ def main(argv=None):
         raise UserError(f"--image-size must be a positive multiple of 8, got {args.image_size}")
     if args.batch_size <= 0:
         raise UserError("--batch-size must be positive")
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if ddp:
-        import torch.distributed as dist
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from train import init_distributed
+    ddp, rank, world, device = init_distributed()
+    dist = torch.distributed
     barrier = (lambda: dist.barrier()) if ddp else (lambda: None)
 
     items, classes = list_images(args.data_path)

@@ -188,16 +188,8 @@ def main(argv=None):
     args = train.resolve_args(args, "digits" if kind == "digits" else "official")
     if args.batch_size <= 0:
         raise UserError("--batch-size must be positive")
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if ddp:                                   # torchrun: each process samples every world-th chunk
-        import torch.distributed as dist
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    ddp, rank, world, device = train.init_distributed()   # torchrun: each process samples every world-th chunk
+    dist = torch.distributed
     torch.backends.cuda.matmul.allow_tf32 = True
     model.to(device)
     n_cls, C, H = cfg["num_classes"], cfg["in_channels"], cfg["input_size"]

@@ -382,6 +382,19 @@ def save_grid(x, path, nrow):
     img.save(path)
 
 
+def init_distributed():
+    """(ddp, rank, world, device). Under torchrun: NCCL on GPU (each process on its LOCAL rank's GPU, which is
+    multi-node safe), gloo on CPU. Otherwise one process on cuda:0 or the CPU."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
 def next_run_dir(results_dir, name):
     """results/NNN-name, with NNN one more than any existing run: a new run never reuses a folder."""
     os.makedirs(results_dir, exist_ok=True)
@@ -412,17 +425,7 @@ def main(argv=None):
     args = resolve_args(args, data_preset)
 
     # --- setup: device, DDP, seeds, precision -----------------------------------------------------
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if ddp:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)        # each process on its local GPU (multi-node safe)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        rank, world = 0, 1
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ddp, rank, world, device = init_distributed()
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the number of processes {world}")
     local_bs = args.batch_size // world
