@@ -1064,3 +1064,31 @@ def test_sample_npz_sharded_with_torchrun_equals_one_process(tmp_path):
     two = np.load(tmp_path / "two.npz")
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
+
+
+# ===================================================================================================
+# A broken objective must fail CI: a short digits run per objective must produce the requested digits
+# ===================================================================================================
+
+@pytest.fixture(scope="module")
+def digit_judge():
+    import quality
+    net, acc = quality.train_classifier(seed=0, epochs=15)
+    assert acc > 0.95
+    return net
+
+
+@pytest.mark.parametrize("objective,sampler,steps,threshold", [("ddpm", "ddpm", 1000, 0.4), ("sit", "ode-heun", 600, 0.6)])
+def test_short_run_makes_recognisable_digits(tmp_path, digit_judge, objective, sampler, steps, threshold):
+    """A short DiT-Tiny/2 run (the default run is 2,000 steps); 100 class-balanced samples at guidance 2 judged
+    by a CNN trained on real digits. Measured: ddpm 0.66 at step 1,000, sit 0.99 at step 1,000; chance is 0.1,
+    where a sign error, a swapped time direction or a wrong target leaves it."""
+    import quality
+    import sample
+    run = train.main(["--objective", objective, "--steps", str(steps), "--no-progress", "--sample-every", "0",
+                      "--log-every", str(steps), "--results-dir", str(tmp_path)])
+    npz = sample.main(["--ckpt", run, "--out", str(tmp_path / "s.npz"), "--num-samples", "100", "--balanced",
+                       "--cfg-scale", "2", "--sampler", sampler, "--sample-steps", "50", "--batch-size", "100"])
+    x, y = quality.from_npz(npz)
+    r = quality.judge(digit_judge, x, y)
+    assert r["accuracy"] > threshold, r
