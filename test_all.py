@@ -1092,3 +1092,44 @@ def test_short_run_makes_recognisable_digits(tmp_path, digit_judge, objective, s
     x, y = quality.from_npz(npz)
     r = quality.judge(digit_judge, x, y)
     assert r["accuracy"] > threshold, r
+
+
+def torchrun(script, *args, timeout=300):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), os.path.join(HERE, script), *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_torchrun_resume_continues_the_same_run(tmp_path):
+    """2 processes: 4 steps straight == 2 steps, relaunch with --resume, 2 more (label dropout on: every rank's
+    RNG state is restored)."""
+    common = QUICK + ["--steps", "4", "--batch-size", "8", "--ckpt-every", "2"]
+    torchrun("train.py", *common, "--results-dir", tmp_path / "a")
+    run = os.path.join(tmp_path / "a", os.listdir(tmp_path / "a")[0])
+    straight = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    torchrun("train.py", "--resume", os.path.join(run, "checkpoints", "0000002.pt"), "--no-progress")
+    resumed = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    assert resumed["step"] == 4 and len(resumed["rng"]["torch"]) == 2
+    for k in straight["model"]:
+        torch.testing.assert_close(straight["model"][k], resumed["model"][k], atol=1e-6, rtol=1e-5)
+
+
+def test_extract_latents_with_torchrun_equals_one_process(tmp_path, tiny_vae):
+    vae_path, _ = tiny_vae
+    data = make_imagenet_like(tmp_path / "imagenet")
+    common = ["--data-path", data, "--image-size", "32", "--vae", vae_path, "--batch-size", "3", "--num-workers", "0"]
+    import extract_latents
+    extract_latents.main(list(map(str, common)) + ["--out", str(tmp_path / "one")])
+    torchrun("extract_latents.py", *common, "--out", tmp_path / "two")
+    assert np.array_equal(np.load(tmp_path / "one" / "labels.npy"), np.load(tmp_path / "two" / "labels.npy"))
+    # the same rows; values to fp16 rounding (the processes use other thread counts and batch layouts)
+    np.testing.assert_allclose(np.load(tmp_path / "one" / "moments.npy").astype(np.float32),
+                               np.load(tmp_path / "two" / "moments.npy").astype(np.float32), atol=1e-3)
+    meta = json.load(open(tmp_path / "two" / "meta.json"))
+    assert meta["num_done"] == 16 and meta["unreadable"] == ["n02/zz_corrupt.JPEG"]
