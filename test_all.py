@@ -403,12 +403,17 @@ def test_input_size_not_divisible_by_patch(tmp_path):
                             "--size", "DiT-S/8", "--batch-size", "4"])
 
 
-def test_train_on_image_folder(tmp_path):
-    data = make_image_folder(tmp_path)
-    run = train.main(["--data", str(data), "--image-size", "8", "--steps", "2", "--batch-size", "4", "--no-progress",
-                      "--results-dir", str(tmp_path / "runs"), "--sample-every", "0", "--log-every", "1"])
+@pytest.mark.parametrize("model,size,objective", [("dit", "8", "ddpm"), ("diffit:DiffiT-UNet-Tiny", "32", "ddpm"),
+                                                   ("diffit:DiffiT-UNet-Tiny", "32", "sit")])
+def test_train_on_image_folder(tmp_path, model, size, objective):
+    data = make_image_folder(tmp_path, size=int(size) + 4)
+    family, _, reg_size = model.partition(":")
+    run = train.main(["--data", str(data), "--image-size", size, "--steps", "2", "--batch-size", "4", "--no-progress",
+                      "--results-dir", str(tmp_path / "runs"), "--sample-every", "2", "--sample-steps", "2",
+                      "--log-every", "1", "--model", family, "--objective", objective] + (["--size", reg_size] if reg_size else []))
     ck = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
     assert ck["config"]["model"]["in_channels"] == 3 and ck["config"]["data"]["classes"] == ["cat", "dog"]
+    assert ck["config"]["model"]["input_size"] == int(size) and os.listdir(os.path.join(run, "samples"))
 
 
 def test_cli_errors_are_one_line(tmp_path):
