@@ -1,5 +1,6 @@
 """
 The Gaussian diffusion objective DiT, MDT and DiffiT train with (DDPM + improved-DDPM learned variance).
+arxiv.org/abs/2006.11239 (DDPM), arxiv.org/abs/2102.09672 (iDDPM).
 
 Papers: J. Ho, A. Jain, P. Abbeel, "Denoising Diffusion Probabilistic Models", arXiv 2006.11239 (DDPM);
         A. Nichol, P. Dhariwal, "Improved Denoising Diffusion Probabilistic Models", arXiv 2102.09672 (iDDPM:

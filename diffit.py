@@ -2,7 +2,8 @@
 DiffiT: Diffusion Vision Transformers with Time-dependent Multi-head Self-Attention (TMSA).
 
 Paper: A. Hatamizadeh, J. Song, G. Liu, J. Kautz, A. Vahdat, "DiffiT: Diffusion Vision Transformers for
-       Image Generation", ECCV 2024, arXiv 2312.02139 (v3).
+       Image Generation", ECCV 2024, arXiv 2312.02139
+       (https://arxiv.org/abs/2312.02139, v3).
 Code:  NVlabs/DiffiT @ 9f6f0a5 (diffit/diffit.py: the latent model and its sampler only), read for names,
        shapes and constants. There is no official image-space model or trainer: ours follows the paper and
        the choices listed below.

@@ -1,7 +1,8 @@
 """
 DiT: the Diffusion Transformer backbone with adaLN-Zero conditioning.
 
-Paper:  W. Peebles, S. Xie, "Scalable Diffusion Models with Transformers", ICCV 2023, arXiv 2212.09748.
+Paper:  W. Peebles, S. Xie, "Scalable Diffusion Models with Transformers", ICCV 2023, arXiv 2212.09748
+        (https://arxiv.org/abs/2212.09748).
 Code:   facebookresearch/DiT @ ed81ce2 (models.py), read for names, shapes and constants only.
         SiT (arXiv 2401.08740, willisma/SiT) uses this exact network, so its checkpoint loads here too.
 

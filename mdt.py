@@ -2,7 +2,8 @@
 MDT / MDTv2: the Masked Diffusion Transformer, a DiT-style backbone trained with mask latent modeling.
 
 Paper: S. Gao, P. Zhou, M.-M. Cheng, S. Yan, "Masked Diffusion Transformer is a Strong Image Synthesizer",
-       ICCV 2023, arXiv 2303.14389 (v3 describes MDTv2).
+       ICCV 2023, arXiv 2303.14389
+       (https://arxiv.org/abs/2303.14389; v3 describes MDTv2).
 Code:  sail-sg/MDT, branch main (MDTv2, masked_diffusion/models.py), read for names, shapes and constants only.
 
 The idea (Sec. 3): during training a random subset of the latent tokens is dropped; the encoder sees only

@@ -2,7 +2,8 @@
 The SiT interpolant objective: stochastic interpolants trained by regression, sampled by ODE or SDE.
 
 Paper: N. Ma, M. Goldstein, M. Albergo, N. Boffi, E. Vanden-Eijnden, S. Xie, "SiT: Exploring Flow and
-       Diffusion-based Generative Models with Scalable Interpolant Transformers", arXiv 2401.08740 (v2).
+       Diffusion-based Generative Models with Scalable Interpolant Transformers", arXiv 2401.08740
+       (https://arxiv.org/abs/2401.08740, v2).
 Code followed for conventions and constants: willisma/SiT @ 947f95b (transport/).
 The backbone is any model of this library (SiT's network is exactly DiT, see dit.py).
 

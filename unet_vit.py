@@ -2,7 +2,8 @@
 U-ViT: a ViT backbone for diffusion models that treats everything as tokens and adds long skips.
 
 Paper: F. Bao, S. Nie, K. Xue, Y. Cao, C. Li, H. Su, J. Zhu, "All are Worth Words: A ViT Backbone for
-       Diffusion Models", CVPR 2023, arXiv 2209.12152.
+       Diffusion Models", CVPR 2023, arXiv 2209.12152
+       (https://arxiv.org/abs/2209.12152).
 Code:  baofff/U-ViT (libs/uvit.py), read for names, shapes and constants only.
 
 What is inside:
