@@ -414,7 +414,7 @@ def main(argv=None):
     if resume is not None:
         if "args" not in resume or "model" not in resume or "opt" not in resume:
             raise UserError(f"--resume {args.resume}: not a training checkpoint of this library "
-                            "(official weights can be sampled with sample.py, or fine-tuned with --init)")
+                            "(official weights are sampled with sample.py --ckpt)")
         saved = resume["args"]                       # the run's own settings win over the defaults ...
         cli = sys.argv[1:] if argv is None else argv
         given = {a.dest for a in get_parser()._actions if any(o in cli for o in a.option_strings)}
@@ -472,8 +472,10 @@ def main(argv=None):
         step, nonfinite = resume["step"], resume.get("nonfinite", 0)
         data_gen.set_state(resume["rng"]["data"])
         states = resume["rng"]["torch"]
-        if len(states) == world:           # same layout: every rank continues its own stream exactly
-            (torch.cuda.set_rng_state(states[rank], device) if device.type == "cuda" else torch.set_rng_state(states[rank]))
+        if len(states) == world and device.type == "cuda":   # same layout: each rank continues its own stream
+            torch.cuda.set_rng_state(states[rank], device)
+        elif len(states) == world:
+            torch.set_rng_state(states[rank])
     masked = getattr(model, "trains_with_mask", False) and args.mask_ratio > 0
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     if args.compile:
