@@ -477,7 +477,10 @@ def main(argv=None):
         elif len(states) == world:
             torch.set_rng_state(states[rank])
     masked = getattr(model, "trains_with_mask", False) and args.mask_ratio > 0
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    # a masking backbone run without its masked pass leaves the side block unused: DDP must be told
+    unused = getattr(model, "trains_with_mask", False) and not masked
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=unused) if ddp else model
     if args.compile:
         train_model = torch.compile(train_model)
 
