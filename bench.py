@@ -42,6 +42,8 @@ def get_parser():
     p.add_argument("--modes", nargs="+", default=["fp32", "bf16", "bf16+compile"],
                    help="precision modes to run: fp32, bf16, bf16+compile, fp32+compile (default: the first three)")
     p.add_argument("--what", nargs="+", default=["train", "forward", "sample"], help="parts to time (default: all)")
+    p.add_argument("--sample-modes", nargs="+", default=None,
+                   help="modes in which 'sample' is timed (default: every mode of --modes)")
     p.add_argument("--mask-ratio", type=float, default=0.3, help="masking backbones: masked-pass ratio (default: 0.3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default: 3; compile needs them)")
@@ -121,12 +123,12 @@ def bench_mode(args, mode, device):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
         model.train()
 
-        def step():
+        def step():      # the order of train.py's loop: grads are freed before the forward, not after it
+            opt.zero_grad(set_to_none=True)
             with amp:
                 loss = objective.loss(fwd, x, y)["loss"].mean()
                 if masked:
                     loss = loss + objective.loss(fwd, x, y, model_kwargs=dict(mask_ratio=args.mask_ratio))["loss"].mean()
-            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             train.update_ema(ema, model, 0.9999)
@@ -149,7 +151,7 @@ def bench_mode(args, mode, device):
 
         res["forward_img_s"] = B / timed(forward, device, args.steps, args.warmup, args.repeats)
 
-    if "sample" in args.what:
+    if "sample" in args.what and mode in (args.sample_modes or args.modes):
         model.eval()
         n = args.sample_batch
         z = torch.randn(n, C, H, H, device=device)
@@ -190,11 +192,12 @@ def main(argv=None):
         if isinstance(peak, tuple) and peak[0] and "train_tflops" in r:
             r["mfu"] = r["train_tflops"] / (peak[0] if mode.startswith("bf16") else peak[1])
         results.append(r)
+        print(json.dumps(r), flush=True)          # one line per mode as it finishes (long GPU runs)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     quality = quality_check(args, device) if args.quality_check else None
     print(f"# {env['device']}, torch {env['torch']}, {env['date']}: {env['command']}")
-    cols = [k for k in results[0] if k not in ("mode", "size")]
+    cols = list(dict.fromkeys(k for r in results for k in r if k not in ("mode", "size")))
     print("| mode | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for r in results:
@@ -209,11 +212,11 @@ def main(argv=None):
 
 def quality_check(args, device):
     """Max |out - out_fp32| / max |out_fp32| of one forward pass, for bf16 autocast and compiled fp32."""
-    model, _, _, cfg = build(args, device, False)
+    model, _, _, cfg = build(args, torch.device("cpu"), False)
     g = torch.Generator().manual_seed(1)
     for p in model.parameters():                  # random weights everywhere (zero-init would hide differences)
         p.data.normal_(0, 0.02, generator=g) if p.requires_grad else None
-    model.eval()
+    model.to(device).eval()
     B, C, H = min(args.batch_size, 8), cfg["in_channels"], cfg["input_size"]
     x = torch.randn(B, C, H, H, generator=g).to(device)
     t = torch.full((B,), 500, device=device)

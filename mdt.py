@@ -127,10 +127,14 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(grid))  # persistent, as official
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self):
-        L = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(L, L, -1)
-        return bias.permute(2, 0, 1)                                           # (h, L, L)
+    def forward(self, ids_keep=None):
+        """(h, L, L) bias of all token pairs, or (N, h, K, K) among the kept tokens ids_keep (N, K).
+        One table lookup per pair (an embedding of the pair's offset index), so the backward is one
+        embedding gradient of N*K*K rows, not a scatter over every (sample, head, pair)."""
+        index = self.relative_position_index                                  # (L, L) offsets into the table
+        if ids_keep is not None:
+            index = index[ids_keep[:, :, None], ids_keep[:, None, :]]         # (N, K, K)
+        return F.embedding(index, self.relative_position_bias_table).movedim(-1, -3)  # (h, L, L) / (N, h, K, K)
 
 
 def attention_reference(q, k, v, bias):
@@ -151,10 +155,7 @@ class Attention(nn.Module):
     def forward(self, x, ids_keep=None):
         N, K, D = x.shape
         q, k, v = self.qkv(x).reshape(N, K, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        bias = self.rel_pos_bias()                                             # (h, L, L)
-        if ids_keep is not None:                                               # rows and columns of kept tokens
-            heads = torch.arange(self.num_heads, device=x.device)[None, :, None, None]
-            bias = bias[heads, ids_keep[:, None, :, None], ids_keep[:, None, None, :]]   # (N, h, K, K)
+        bias = self.rel_pos_bias(ids_keep)                                     # (h, L, L) or (N, h, K, K)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # == attention_reference
         return self.proj(x.transpose(1, 2).reshape(N, K, D))
 
@@ -275,6 +276,13 @@ class MDTv2(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)                              # back to token order
         return torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D)), mask, ids_restore, ids_keep
 
+    @torch.compiler.disable
+    def draw_mask(self, x, mask_ratio):
+        """v2: one ratio per batch, r ~ U[mask_ratio, mask_ratio + 0.2), drawn on the CPU generator (no device
+        sync), then random_masking(x, r). Kept out of torch.compile: a compiled forward would bake each r into
+        its graph and recompile every step; this way it sees index tensors whose length K is a dynamic size."""
+        return self.random_masking(x, mask_ratio + 0.2 * torch.rand(1).item())
+
     def side_interpolater(self, x, c, mask, ids_restore):
         """Fill the dropped positions with the mask token, restore the token order, add the decoder positions,
         run the side block and keep its output only at the dropped positions (the masked shortcut, Sec. 3.2)."""
@@ -295,9 +303,8 @@ class MDTv2(nn.Module):
         input_skip = x                                                        # every decoder block sees all tokens
         masked = bool(mask_ratio)
         ids_keep = None
-        if masked:                                                            # v2: r ~ U[mask_ratio, mask_ratio + 0.2)
-            r = mask_ratio + 0.2 * torch.rand(1).item()                        # on the CPU generator: no device sync
-            x, mask, ids_restore, ids_keep = self.random_masking(x, r)        # (N, K, D)
+        if masked:
+            x, mask, ids_restore, ids_keep = self.draw_mask(x, mask_ratio)    # (N, K, D)
         skips = []
         for blk in self.en_inblocks:
             x = blk(x, c, ids_keep=ids_keep)

@@ -883,6 +883,24 @@ def test_mdt_masking_keeps_the_requested_tokens():
     assert y.shape == (2, 2, 8, 8)
 
 
+def test_mdt_compiled_masked_forward_does_not_recompile_every_step():
+    # the mask ratio is drawn per batch; if it reached the compiled graph, every step would compile anew
+    # (seen on an H100: the bf16+compile benchmark never got past compiling). aot_eager traces like inductor
+    # does, without generating code.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    m = torch.compile(mdt.MDT_models["MDTv2-Tiny/2"](input_size=8, in_channels=1, num_classes=10), backend="aot_eager")
+    x, t, y = torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
+    for _ in range(6):
+        m(x, t, y, mask_ratio=0.3).sum().backward()
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs <= 3, f"{graphs} graphs for 6 masked steps"   # first shapes, then one dynamic recompile
+
+
 # ===================================================================================================
 # diffit.py
 # ===================================================================================================

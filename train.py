@@ -528,13 +528,13 @@ def main(argv=None):
         if masked:
             noise_m = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[rank * local_bs:(rank + 1) * local_bs]
         x, y = get_batch(data, idx, flip, eps, device)
+        opt.zero_grad(set_to_none=True)   # free last step's grads before the forward (lower peak memory)
         with amp:
             terms = objective.loss(train_model, x, y, t=t, noise=noise)
             loss = terms["loss"].mean()
             if masked:   # MDT Sec. 3.3: the same loss on the masked input (same x and t, fresh noise), weight 1:1
                 terms_m = objective.loss(train_model, x, y, t=t, noise=noise_m, model_kwargs=dict(mask_ratio=args.mask_ratio))
                 loss = loss + terms_m["loss"].mean()
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
