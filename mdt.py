@@ -21,6 +21,8 @@ What is inside:
     FinalLayer
     MDTv2                                     encoder in-blocks -> out-blocks (U-Net skips) -> [side-interpolater
                                               when masking] -> decoder blocks (each fed the pre-masking input)
+    random_masking, side_interpolate          mask latent modeling (Sec. 3.2), shared by both versions
+    MDT                                       v1: one plain stack; its last decode_layer blocks are the decoder
     MDT_models                                the paper's sizes
 
 Letters: N batch, C channels, H/W size, p patch, g = H/p token grid side, L = g^2 tokens, K kept tokens,
@@ -29,12 +31,13 @@ D width, h heads.
 Deviations from the official code (state-dict keys and outputs are the same; tested locally):
     - Attention goes through F.scaled_dot_product_attention with the relative bias as an additive mask
       (the official code writes the softmax out, which is the main reason it is ~3x slower than DiT).
-    - The masked bias is gathered with one advanced-indexing op instead of repeat + two gathers.
+    - The masked bias is one embedding lookup of the kept pairs' table offsets instead of repeat + two gathers.
     - The mask ratio is an argument of forward (mask_ratio=None: no masking) instead of a constructor
       argument + enable_mask; one ratio per batch r = mask_ratio + 0.2 U[0, 1) as in v2. The mask token
       is always trainable (official: frozen when built for inference, which only matters for training).
     - Label dropout and the null label as in DiT; out_channels is an argument (official: learn_sigma).
-    - Only MDTv2 (branch main); MDT v1 (branch mdtv1, 'MDT-XL/2') is not implemented.
+    - MDT v1 (branch mdtv1) is the class MDT ('MDT-XL/2', decode_layer 2 as its released checkpoint);
+      only its XL/2 size is registered (the paper's v1 results are for XL/2).
 """
 import math
 from functools import partial
@@ -203,6 +206,74 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Mask latent modeling and helpers shared by MDTv2 and MDT (v1)
+# ---------------------------------------------------------------------------------------------------
+
+def init_mdt_weights(model):
+    """As the official code: xavier Linear, sin-cos positions, N(0, .02) embeddings, adaLN-Zero."""
+    def basic_init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    model.apply(basic_init)
+    grid = model.input_size // model.patch_size
+    table = torch.from_numpy(sincos_pos_embed_2d(model.pos_embed.shape[-1], grid)).float()[None]
+    model.pos_embed.data.copy_(table)
+    model.decoder_pos_embed.data.copy_(table)
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    blocks = [m for m in model.modules() if isinstance(m, MDTBlock)]
+    for layer in [b.adaLN_modulation[-1] for b in blocks] + [model.final_layer.adaLN_modulation[-1], model.final_layer.linear]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    nn.init.normal_(model.mask_token, std=0.02)
+
+
+def unpatchify(x, p, c):
+    """(N, L, p*p*C_out) -> (N, C_out, H, W), token vectors ordered (p_row, p_col, channel)."""
+    N, L, _ = x.shape
+    g = int(math.isqrt(L))
+    x = torch.einsum("nhwpqc->nchpwq", x.reshape(N, g, g, p, p, c))           # (N, C_out, g, p, g, p)
+    return x.reshape(N, c, g * p, g * p)
+
+
+def random_masking(x, ratio):
+    """Keep a random subset of int(L (1 - ratio)) tokens per sample (MAE-style shuffle).
+    Returns kept tokens (N, K, D), mask (N, L) with 1 = dropped, ids_restore (N, L), ids_keep (N, K)."""
+    N, L, D = x.shape
+    keep = int(L * (1 - ratio))
+    ids_shuffle = torch.argsort(torch.rand(N, L, device=x.device), dim=1)      # small noise = kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    mask = torch.ones(N, L, device=x.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)                                  # back to token order
+    return torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D)), mask, ids_restore, ids_keep
+
+
+def side_interpolate(model, x, c, mask, ids_restore):
+    """Fill the dropped positions with the mask token, restore the token order, add the decoder positions,
+    run the side block and keep its output only at the dropped positions (the masked shortcut, Sec. 3.2)."""
+    N, K, D = x.shape
+    x = torch.cat([x, model.mask_token.expand(N, ids_restore.shape[1] - K, D)], dim=1)
+    x = torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, D)) + model.decoder_pos_embed   # (N, L, D)
+    out = x
+    for blk in model.sideblocks:
+        out = blk(out, c)
+    mask = mask[..., None]
+    return out * mask + (1 - mask) * x
+
+
+def check_input(model, x):
+    if x.shape[-2:] != (model.input_size, model.input_size):
+        raise ValueError(f"MDT built for {model.input_size}x{model.input_size} inputs, got {tuple(x.shape[-2:])}")
+
+
 class MDTv2(nn.Module):
     """MDTv2: (x, t, y, mask_ratio=None) -> (N, out_channels, H, W)."""
 
@@ -231,73 +302,17 @@ class MDTv2(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        """As the official code: xavier Linear, sin-cos positions, N(0, .02) embeddings, adaLN-Zero."""
-        def basic_init(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        self.apply(basic_init)
-        grid = self.input_size // self.patch_size
-        table = torch.from_numpy(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid)).float()[None]
-        self.pos_embed.data.copy_(table)
-        self.decoder_pos_embed.data.copy_(table)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        blocks = [*self.en_inblocks, *self.en_outblocks, *self.de_blocks, *self.sideblocks]
-        for layer in [b.adaLN_modulation[-1] for b in blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        nn.init.normal_(self.mask_token, std=0.02)
-
-    def unpatchify(self, x):
-        """(N, L, p*p*C_out) -> (N, C_out, H, W), token vectors ordered (p_row, p_col, channel)."""
-        N, L, _ = x.shape
-        p, c, g = self.patch_size, self.out_channels, int(math.isqrt(L))
-        x = torch.einsum("nhwpqc->nchpwq", x.reshape(N, g, g, p, p, c))       # (N, C_out, g, p, g, p)
-        return x.reshape(N, c, g * p, g * p)
-
-    def random_masking(self, x, ratio):
-        """Keep a random subset of int(L (1 - ratio)) tokens per sample (MAE-style shuffle).
-        Returns kept tokens (N, K, D), mask (N, L) with 1 = dropped, ids_restore (N, L), ids_keep (N, K)."""
-        N, L, D = x.shape
-        keep = int(L * (1 - ratio))
-        ids_shuffle = torch.argsort(torch.rand(N, L, device=x.device), dim=1)  # small noise = kept
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :keep]
-        mask = torch.ones(N, L, device=x.device)
-        mask[:, :keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)                              # back to token order
-        return torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D)), mask, ids_restore, ids_keep
+        init_mdt_weights(self)
 
     @torch.compiler.disable
     def draw_mask(self, x, mask_ratio):
         """v2: one ratio per batch, r ~ U[mask_ratio, mask_ratio + 0.2), drawn on the CPU generator (no device
         sync), then random_masking(x, r). Kept out of torch.compile: a compiled forward would bake each r into
         its graph and recompile every step; this way it sees index tensors whose length K is a dynamic size."""
-        return self.random_masking(x, mask_ratio + 0.2 * torch.rand(1).item())
-
-    def side_interpolater(self, x, c, mask, ids_restore):
-        """Fill the dropped positions with the mask token, restore the token order, add the decoder positions,
-        run the side block and keep its output only at the dropped positions (the masked shortcut, Sec. 3.2)."""
-        N, K, D = x.shape
-        x = torch.cat([x, self.mask_token.expand(N, ids_restore.shape[1] - K, D)], dim=1)
-        x = torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, D)) + self.decoder_pos_embed   # (N, L, D)
-        out = x
-        for blk in self.sideblocks:
-            out = blk(out, c)
-        mask = mask[..., None]
-        return out * mask + (1 - mask) * x
+        return random_masking(x, mask_ratio + 0.2 * torch.rand(1).item())
 
     def forward(self, x, t, y, mask_ratio=None):
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(f"MDT built for {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}")
+        check_input(self, x)
         x = self.x_embedder(x) + self.pos_embed                               # (N, L, D)
         c = self.t_embedder(t) + self.y_embedder(y)                           # (N, D)
         input_skip = x                                                        # every decoder block sees all tokens
@@ -311,16 +326,63 @@ class MDTv2(nn.Module):
             skips.append(x)
         for blk in self.en_outblocks:                                         # U-Net pairing, LIFO
             x = blk(x, c, skip=skips.pop(), ids_keep=ids_keep)
-        x = self.side_interpolater(x, c, mask, ids_restore) if masked else x + self.decoder_pos_embed
+        x = side_interpolate(self, x, c, mask, ids_restore) if masked else x + self.decoder_pos_embed
         for blk in self.de_blocks:
             x = blk(x, c, skip=input_skip)
-        return self.unpatchify(self.final_layer(x, c))                        # (N, C_out, H, W)
+        return unpatchify(self.final_layer(x, c), self.patch_size, self.out_channels)   # (N, C_out, H, W)
+
+
+class MDT(nn.Module):
+    """MDT v1 (branch mdtv1): (x, t, y, mask_ratio=None) -> (N, out_channels, H, W). One stack of `depth`
+    blocks without long skips: the first depth - decode_layer are the encoder (kept tokens only when masking),
+    then the side-interpolater (masking) or + decoder_pos_embed, then the last decode_layer blocks. Masks
+    exactly mask_ratio of the tokens (no random range in v1)."""
+
+    trains_with_mask = True
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, out_channels=None, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, decode_layer=2):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = 2 * in_channels if out_channels is None else out_channels
+        self.num_classes, self.class_dropout_prob, self.decode_layer = num_classes, class_dropout_prob, decode_layer
+        grid = input_size // patch_size
+        block = partial(MDTBlock, hidden_size, num_heads, grid, mlp_ratio)
+        # registration order = the official one (same state-dict order, same seeded init)
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size))
+        self.blocks = nn.ModuleList([block() for _ in range(depth)])
+        self.sideblocks = nn.ModuleList([block()])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        init_mdt_weights(self)
+
+    def forward(self, x, t, y, mask_ratio=None):
+        check_input(self, x)
+        x = self.x_embedder(x) + self.pos_embed                               # (N, L, D)
+        c = self.t_embedder(t) + self.y_embedder(y)                           # (N, D)
+        masked, ids_keep = bool(mask_ratio), None
+        if masked:
+            x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio)    # (N, K, D), K fixed by the ratio
+        first_decoder = len(self.blocks) - self.decode_layer
+        for i, blk in enumerate(self.blocks):
+            if i == first_decoder:                                            # encoder -> decoder
+                x = side_interpolate(self, x, c, mask, ids_restore) if masked else x + self.decoder_pos_embed
+                ids_keep = None
+            x = blk(x, c, ids_keep=ids_keep)
+        return unpatchify(self.final_layer(x, c), self.patch_size, self.out_channels)   # (N, C_out, H, W)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Registry (paper sizes; decode_layer of the released scripts: 4 for B/L/XL -- the XL/2 checkpoint needs it --
 # and 6 for S as in run.sh; the paper's S/B values could not be checked). Parameter counts at 256px,
 # everything included (side block and mask token): XL/2 742,263,904; used at inference 718,342,176.
+# MDT v1 XL/2: 699,778,144; used at inference 675,856,416 (the paper's "676M").
 # ---------------------------------------------------------------------------------------------------
 
 MDT_models = {
@@ -328,6 +390,7 @@ MDT_models = {
     "MDTv2-L/2": partial(MDTv2, patch_size=2, depth=24, hidden_size=1024, num_heads=16, decode_layer=4),
     "MDTv2-B/2": partial(MDTv2, patch_size=2, depth=12, hidden_size=768, num_heads=12, decode_layer=4),
     "MDTv2-S/2": partial(MDTv2, patch_size=2, depth=12, hidden_size=384, num_heads=6, decode_layer=6),
+    "MDT-XL/2": partial(MDT, patch_size=2, depth=28, hidden_size=1152, num_heads=16, decode_layer=2),   # v1
     # ours, not in the paper: for CPU runs on the 8x8 digits (16 tokens; 30-50% masked keeps 8-11)
     "MDTv2-Tiny/2": partial(MDTv2, patch_size=2, depth=6, hidden_size=128, num_heads=4, decode_layer=2),
 }

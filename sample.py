@@ -92,8 +92,8 @@ def size_name(family_prefix, D, depth, p, names):
 
 
 def recognise_official(sd, args, path):
-    """(model_cfg, objective_cfg, paper sampling settings) for the released files of DiT, SiT, U-ViT, MDTv2
-    and DiffiT, read off the key names and shapes; UserError for anything else."""
+    """(model_cfg, objective_cfg, paper sampling settings) for the released files of DiT, SiT, U-ViT, MDT (v1
+    and v2) and DiffiT, read off the key names and shapes; UserError for anything else."""
     sd = train.clean_state_dict(sd)
     base = os.path.basename(path).lower()
     if "en_inblocks.0.attn.qkv.weight" in sd:                                  # MDTv2
@@ -101,6 +101,12 @@ def recognise_official(sd, args, path):
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
         depth = 2 * n_blocks(sd, "en_inblocks.") + n_blocks(sd, "de_blocks.")
         size = size_name("MDTv2", D, depth, p, {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"})
+        in_ch, grid = sd["x_embedder.proj.weight"].shape[1], math.isqrt(sd["pos_embed"].shape[1])
+        out_ch, n_cls = sd["final_layer.linear.weight"].shape[0] // (p * p), sd["y_embedder.embedding_table.weight"].shape[0] - 1
+    elif "sideblocks.0.attn.qkv.weight" in sd and "blocks.0.attn.qkv.weight" in sd:   # MDT v1 (one plain stack)
+        family, key = "mdt", "MDT"         # MDT's FID script settings (cfg 3.8 was tuned on v1, sail-sg/MDT#47)
+        D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
+        size = size_name("MDT", D, n_blocks(sd, "blocks."), p, {(1152, 28): "XL"})
         in_ch, grid = sd["x_embedder.proj.weight"].shape[1], math.isqrt(sd["pos_embed"].shape[1])
         out_ch, n_cls = sd["final_layer.linear.weight"].shape[0] // (p * p), sd["y_embedder.embedding_table.weight"].shape[0] - 1
     elif "blocks.0.attn.qkv_temb.weight" in sd:                                # latent DiffiT

@@ -693,6 +693,7 @@ def official_like(tmp_path, name, model):
     ("imagenet256_uvit_huge.pth", "unet_vit", "U-ViT-H/2", 32, ("unet_vit", "U-ViT-H/2", 32, "ddpm")),
     ("imagenet256_uvit_large.pth", "unet_vit", "U-ViT-L/2", 32, ("unet_vit", "U-ViT-L/2", 32, "sit")),
     ("mdt_xl2_v2_ckpt.pt", "mdt", "MDTv2-XL/2", 32, ("mdt", "MDTv2-XL/2", 32, "ddpm")),
+    ("mdt_xl2_v1_ckpt.pt", "mdt", "MDT-XL/2", 32, ("mdt", "MDT-XL/2", 32, "ddpm")),
     ("diffit_imagenet256.pth", "diffit", "DiffiT-XL/2", 32, ("diffit", "DiffiT-XL/2", 32, "ddpm")),
     ("diffit_imagenet512.pth", "diffit", "DiffiT-XL/2", 64, ("diffit", "DiffiT-XL/2", 64, "ddpm")),
 ])
@@ -836,6 +837,20 @@ def test_mdt_param_counts_and_keys():
         assert round(count(meta_model(mdt.MDT_models, name, input_size=32)) / 1e6, 2) == millions
 
 
+def test_sit_time_scale_defaults_by_family():
+    # U-ViT's time token is the raw sinusoidal table: with t in [0, 1] it barely changes (measured on digits:
+    # U-ViT-Tiny/2 + sit reached 0.86 class accuracy fed t, see README); it is fed 999 t like U-ViT's own models
+    cfg = lambda *a: train.objective_config(train.get_parser().parse_args(["--objective", "sit", *a]))
+    assert cfg("--model", "unet_vit")["time_scale"] == 999.0
+    assert cfg("--model", "dit")["time_scale"] == 1.0 and cfg("--model", "mdt")["time_scale"] == 1.0
+    assert cfg("--model", "unet_vit", "--time-scale", "1")["time_scale"] == 1.0
+    seen = []
+    torch.manual_seed(0)
+    obj = train.build_objective(cfg("--model", "unet_vit"))
+    obj.loss(lambda x, t, y: seen.append(t) or torch.zeros_like(x), torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
+    assert seen[0].min() >= 0 and seen[0].max() > 1.0 and seen[0].max() <= 999.0
+
+
 def test_mdt_relative_position_index():
     idx = mdt.relative_position_index(16)
     assert idx.shape == (256, 256) and idx.dtype == torch.int64 and idx.max() == 960 and idx.min() == 0
@@ -866,13 +881,13 @@ def test_mdt_masking_keeps_the_requested_tokens():
     m = mdt.MDT_models["MDTv2-Tiny/2"](input_size=8, in_channels=1, num_classes=10)
     x = torch.randn(3, 16, 128)
     for ratio in (0.3, 0.45, 0.5):
-        kept, mask, ids_restore, ids_keep = m.random_masking(x, ratio)
+        kept, mask, ids_restore, ids_keep = mdt.random_masking(x, ratio)
         K = int(16 * (1 - ratio))
         assert kept.shape == (3, K, 128) and torch.equal(mask.sum(1), torch.full((3,), 16.0 - K))
         assert all(len(set(r.tolist())) == K for r in ids_keep)                          # distinct tokens
         assert torch.equal(torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, 128)), kept)
         c = torch.randn(3, 128)
-        full = m.side_interpolater(kept, c, mask, ids_restore)
+        full = mdt.side_interpolate(m, kept, c, mask, ids_restore)
         assert full.shape == (3, 16, 128)
         # kept positions carry the encoder tokens (+ decoder positions) untouched by the side block
         keep_pos = mask == 0
@@ -881,6 +896,60 @@ def test_mdt_masking_keeps_the_requested_tokens():
         torch.testing.assert_close(full[keep_pos], (expect + m.decoder_pos_embed)[keep_pos])
     y = m(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4]), mask_ratio=0.3)
     assert y.shape == (2, 2, 8, 8)
+
+
+def test_mdt_v1_layout_and_counts():
+    m = meta_model(mdt.MDT_models, "MDT-XL/2", input_size=32)
+    sd = m.state_dict()
+    assert len(sd) == 362 and not any("skip_linear" in k for k in sd)     # one plain stack (branch mdtv1)
+    assert "blocks.27.attn.rel_pos_bias.relative_position_bias_table" in sd and "blocks.28.mlp.fc1.weight" not in sd
+    side = sum(p.numel() for p in m.sideblocks.parameters()) + m.mask_token.numel()
+    assert count(m) == 699_778_144 and count(m) - side == 675_856_416    # the paper's "676M" is the inference count
+
+
+def _mdt_randomize(model, seed=0):
+    """Random weights everywhere (the official init zeroes the adaLN and output layers, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            fan_in = p[0].numel() if p.dim() >= 2 and "pos_embed" not in name else 1
+            p.copy_(torch.randn(p.shape, generator=g) * (fan_in ** -0.5 if fan_in > 1 else 0.3))
+    return model
+
+
+# Outputs of the OFFICIAL models (sail-sg/MDT masked_diffusion/models.py, branches main and mdtv1) with the same
+# constructor arguments, _mdt_randomize(seed 0) weights and the inputs below; the masked pass after
+# torch.manual_seed(5) in eval mode (the official code draws the ratio and the shuffle with the same torch.rand
+# calls). Measured once on CPU: (sum, sum of |.|, out[0, 0, 0, :4]) of the unmasked and the masked output.
+MDT_GOLDEN = {
+    "v2": ((241.4954376, 385.8942871, [-0.13820258, 1.25978363, -0.03462413, 1.49318111]),
+           (169.1032104, 376.8183594, [-0.06707898, 1.00398242, 0.14511153, 0.07468548])),
+    "v1": ((-24.2838173, 493.5238342, [1.86909556, -0.87886167, 1.37540293, -1.15966034]),
+           (-10.7391281, 481.2425232, [-0.81846482, 1.21696378, 1.56100678, -0.97257352])),
+}
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_mdt_outputs_equal_golden_values_of_the_official_model(version):
+    tiny = dict(input_size=8, in_channels=1, num_classes=10)
+    if version == "v2":
+        make = lambda: mdt.MDTv2(**tiny, hidden_size=128, depth=6, num_heads=4, decode_layer=2)
+    else:
+        make = lambda: mdt.MDT(**tiny, hidden_size=64, depth=4, num_heads=2, decode_layer=2)
+    torch.manual_seed(0)
+    m = _mdt_randomize(make()).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    y = torch.randint(0, 11, (4,), generator=g)
+    with torch.no_grad():
+        a = m(x, t, y)
+        torch.manual_seed(5)
+        b = m(x, t, y, mask_ratio=0.3)
+    for out, (total, total_abs, first) in zip((a, b), MDT_GOLDEN[version]):
+        assert out.sum().item() == pytest.approx(total, abs=2e-3)
+        assert out.abs().sum().item() == pytest.approx(total_abs, abs=2e-3)
+        torch.testing.assert_close(out[0, 0, 0, :4], torch.tensor(first), atol=1e-5, rtol=0)
 
 
 def test_mdt_compiled_masked_forward_does_not_recompile_every_step():

@@ -69,6 +69,10 @@ def add_model_args(p):
     p.add_argument("--loss-weight", default=None, help="sit: none, velocity or likelihood (default: none)")
     p.add_argument("--train-eps", type=float, default=None, help="sit: training time interval margin (default: the official rule)")
     p.add_argument("--sample-eps", type=float, default=None, help="sit: sampling time interval margin (default: the official rule)")
+    p.add_argument("--time-scale", type=float, default=None,
+                   help="sit: the backbone is fed time_scale * t (default: 999 for unet_vit, whose time token is the raw "
+                        "sinusoidal table of t and cannot resolve t in [0, 1], as in U-ViT's own continuous-time model; 1 "
+                        "otherwise, as SiT)")
 
 
 def add_sampling_args(p):
@@ -184,8 +188,11 @@ def objective_config(args):
         raise UserError(f"unknown --prediction {args.prediction!r}; choose velocity, score, noise")
     if weight not in (None, "velocity", "likelihood"):
         raise UserError(f"unknown --loss-weight {args.loss_weight!r}; choose none, velocity, likelihood")
+    time_scale = args.time_scale if args.time_scale is not None else 999.0 if args.model == "unet_vit" else 1.0
+    if time_scale <= 0:
+        raise UserError(f"--time-scale must be positive, got {time_scale}")
     return dict(name="sit", path_type=args.path_type, prediction=args.prediction, loss_weight=weight,
-                train_eps=args.train_eps, sample_eps=args.sample_eps)
+                train_eps=args.train_eps, sample_eps=args.sample_eps, time_scale=time_scale)
 
 
 def build_model(model_cfg):
