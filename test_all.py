@@ -810,6 +810,37 @@ def test_uvit_sdpa_equals_explicit_and_token_layout():
     assert u.pos_embed.shape[1] == 17 and torch.equal(u(x, t, torch.tensor([1, 1])), u(x, t, torch.tensor([2, 3])))
 
 
+# Outputs of the OFFICIAL UViT (baofff/U-ViT libs/uvit.py @ ce55170) with the same weights (keys sorted,
+# 0.2 * randn from seed 0) and inputs, measured once on CPU: sum and out.flatten()[::16]. Swapping the
+# long-skip concat order, the token order, the skip pairing, [cos|sin] or the unpatchify layout fails these.
+UVIT_GOLDEN = {
+    "cond_conv": (dict(input_size=8, patch_size=2, in_channels=1, embed_dim=32, depth=4, num_heads=2,
+                       num_classes=10, conv=True), 55.6287956237793,
+                  [0.34085694, 0.38924447, 0.37790990, 0.35423791, 0.34545738, 0.39368355,
+                   0.33505058, 0.28490299, 0.35965937, 0.39291781, 0.38137215, 0.37355709]),
+    "uncond_noconv": (dict(input_size=8, patch_size=4, in_channels=2, embed_dim=32, depth=2, num_heads=4,
+                           num_classes=0, conv=False), 7.290378570556641,
+                      [-0.96214372, 0.09604084, -0.97816259, 0.87621325, -0.15059201, -0.67773879,
+                       -0.93731546, -0.78005689, -1.19863296, 0.80827516, -0.68450117, 0.57198638,
+                       -0.80214351, -0.12943736, -1.08393884, -1.15729642, -0.48199117, 0.26775068,
+                       -0.89064229, 0.45216656, -0.40732816, -0.20284644, -0.47894195, -1.16851568]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UVIT_GOLDEN))
+def test_uvit_outputs_equal_golden_values_of_the_official_model(case):
+    kw, total, strided = UVIT_GOLDEN[case]
+    m = unet_vit.UViT(**kw).eval()
+    g = torch.Generator().manual_seed(0)
+    sd = m.state_dict()
+    m.load_state_dict({k: 0.2 * torch.randn(sd[k].shape, generator=g) for k in sorted(sd)}, strict=True)
+    x = torch.randn(3, kw["in_channels"], 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = m(x, torch.tensor([1.0, 500.5, 999.0]), torch.tensor([3, 10, 0]))
+    torch.testing.assert_close(out.flatten()[::16], torch.tensor(strided), atol=1e-4, rtol=1e-4)
+    assert abs(out.sum().item() - total) < 1e-3
+
+
 # ===================================================================================================
 # mdt.py
 # ===================================================================================================
