@@ -33,6 +33,8 @@ Deviations from the official code (the numbers of a sampler or loss are otherwis
       a given value is always used and each default is taken on its own.
     - SDE with the 'SBDM' diffusion and a Linear/GVP velocity model: the official code starts at t0 = 0,
       where g(t) is infinite, and returns NaN. Here the SDE starts at t0 = 1e-3 in that case (or sample_eps).
+    - SDE Heun with last_step=None: the official corrector evaluates the score at t = 1 (sigma = 0) on the last
+      step and returns NaN; here that one step is an Euler step.
     - The velocity model is called once per drift evaluation (the official SDE calls it twice: once for
       the drift, once for the score, with the same output).
     - dopri5 is written here (no torchdiffeq): Dormand-Prince 5(4) with the standard error control;
@@ -279,8 +281,11 @@ class Transport:
             else:                                                  # stochastic Heun (official integrators.py)
                 xhat = x + math.sqrt(2 * D) * dw
                 k1 = sde_drift(xhat, t)[0]
-                k2 = sde_drift(xhat + dt * k1, t + dt)[0]
-                x = xhat + 0.5 * dt * (k1 + k2)
+                if t + dt >= 1.0:                                  # last_step=None ends at t = 1, where the score is
+                    x = xhat + dt * k1                             # singular (sigma = 0): Euler there (official: NaN)
+                else:
+                    k2 = sde_drift(xhat + dt * k1, t + dt)[0]
+                    x = xhat + 0.5 * dt * (k1 + k2)
         if last_step == "Mean":                                    # a noise-free step of the same SDE drift
             return x + sde_drift(x, t1)[0] * size
         if last_step == "Euler":                                   # a noise-free probability-flow step

@@ -637,6 +637,14 @@ def test_sit_samplers_reach_the_data_distribution():
     assert abs(x.mean() - 2.0) < 0.05 and abs(x.std() - 0.5) < 0.05
 
 
+def test_sit_sde_heun_without_last_step_stays_finite():
+    tr = sit.Transport("Linear", "velocity", None, None, None)
+    z, y = torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)
+    for solver in ("euler", "heun"):
+        out = tr.sample(lambda x, t, y: -x, z, y, method="sde", solver=solver, num_steps=10, last_step=None)
+        assert torch.isfinite(out).all(), solver
+
+
 def test_sit_guidance_and_seeding():
     tr = sit.Transport()
     m = ToyEps(out_channels=4)
