@@ -1251,6 +1251,16 @@ def test_torchrun_resume_continues_the_same_run(tmp_path):
         torch.testing.assert_close(straight["model"][k], resumed["model"][k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask_ratio", ["0.3", "0"])
+def test_torchrun_trains_mdt_with_and_without_the_masked_pass(tmp_path, mask_ratio):
+    """DDP with a masking backbone: with --mask-ratio 0 the side block gets no gradient (this crashed under
+    DDP before find_unused_parameters was set for it); both runs must finish and write a checkpoint."""
+    torchrun("train.py", "--model", "mdt", *QUICK, "--steps", "2", "--batch-size", "8", "--mask-ratio", mask_ratio,
+             "--results-dir", tmp_path)
+    run = os.path.join(tmp_path, os.listdir(tmp_path)[0])
+    assert torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["step"] == 2
+
+
 def test_extract_latents_with_torchrun_equals_one_process(tmp_path, tiny_vae):
     vae_path, _ = tiny_vae
     data = make_imagenet_like(tmp_path / "imagenet")
