@@ -877,8 +877,8 @@ def test_mdt_param_counts_and_keys():
 
 
 def test_sit_time_scale_defaults_by_family():
-    # U-ViT's time token is the raw sinusoidal table: with t in [0, 1] it barely changes (measured on digits:
-    # U-ViT-Tiny/2 + sit reached 0.86 class accuracy fed t, see README); it is fed 999 t like U-ViT's own models
+    # U-ViT's time token is the raw sinusoidal table, which barely changes over t in [0, 1]; it is fed 999 t like
+    # U-ViT's own continuous-time model (digits, README: FD 37.0 -> 30.6, class accuracy unchanged)
     cfg = lambda *a: train.objective_config(train.get_parser().parse_args(["--objective", "sit", *a]))
     assert cfg("--model", "unet_vit")["time_scale"] == 999.0
     assert cfg("--model", "dit")["time_scale"] == 1.0 and cfg("--model", "mdt")["time_scale"] == 1.0

@@ -71,8 +71,8 @@ def add_model_args(p):
     p.add_argument("--sample-eps", type=float, default=None, help="sit: sampling time interval margin (default: the official rule)")
     p.add_argument("--time-scale", type=float, default=None,
                    help="sit: the backbone is fed time_scale * t (default: 999 for unet_vit, whose time token is the raw "
-                        "sinusoidal table of t and cannot resolve t in [0, 1], as in U-ViT's own continuous-time model; 1 "
-                        "otherwise, as SiT)")
+                        "sinusoidal table of t, which barely changes over [0, 1], as in U-ViT's own continuous-time model; "
+                        "1 otherwise, as SiT)")
 
 
 def add_sampling_args(p):
