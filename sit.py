@@ -281,7 +281,7 @@ class Transport:
             else:                                                  # stochastic Heun (official integrators.py)
                 xhat = x + math.sqrt(2 * D) * dw
                 k1 = sde_drift(xhat, t)[0]
-                if t + dt >= 1.0:                                  # last_step=None ends at t = 1, where the score is
+                if i == num_steps - 2 and t1 >= 1.0:               # last_step=None ends at t = 1, where the score is
                     x = xhat + dt * k1                             # singular (sigma = 0): Euler there (official: NaN)
                 else:
                     k2 = sde_drift(xhat + dt * k1, t + dt)[0]
