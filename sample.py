@@ -81,6 +81,12 @@ def apply_paper_settings(args, settings, argv, npz):
         print("paper sampling settings: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in used.items()))
 
 
+def dit_style_io(sd, p):
+    """(in channels, token grid side, out channels, classes) of a DiT-style state dict (DiT/SiT, MDT, DiffiT)."""
+    return (sd["x_embedder.proj.weight"].shape[1], math.isqrt(sd["pos_embed"].shape[1]),
+            sd["final_layer.linear.weight"].shape[0] // (p * p), sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+
+
 def n_blocks(sd, prefix):
     return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
 
@@ -101,20 +107,17 @@ def recognise_official(sd, args, path):
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
         depth = 2 * n_blocks(sd, "en_inblocks.") + n_blocks(sd, "de_blocks.")
         size = size_name("MDTv2", D, depth, p, {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"})
-        in_ch, grid = sd["x_embedder.proj.weight"].shape[1], math.isqrt(sd["pos_embed"].shape[1])
-        out_ch, n_cls = sd["final_layer.linear.weight"].shape[0] // (p * p), sd["y_embedder.embedding_table.weight"].shape[0] - 1
+        in_ch, grid, out_ch, n_cls = dit_style_io(sd, p)
     elif "sideblocks.0.attn.qkv.weight" in sd and "blocks.0.attn.qkv.weight" in sd:   # MDT v1 (one plain stack)
         family, key = "mdt", "MDT"         # MDT's FID script settings (cfg 3.8 was tuned on v1, sail-sg/MDT#47)
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
         size = size_name("MDT", D, n_blocks(sd, "blocks."), p, {(1152, 28): "XL"})
-        in_ch, grid = sd["x_embedder.proj.weight"].shape[1], math.isqrt(sd["pos_embed"].shape[1])
-        out_ch, n_cls = sd["final_layer.linear.weight"].shape[0] // (p * p), sd["y_embedder.embedding_table.weight"].shape[0] - 1
+        in_ch, grid, out_ch, n_cls = dit_style_io(sd, p)
     elif "blocks.0.attn.qkv_temb.weight" in sd:                                # latent DiffiT
         family = "diffit"
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
         size = size_name("DiffiT", D, n_blocks(sd, "blocks."), p, {(1152, 28): "XL"})
-        in_ch, grid = sd["x_embedder.proj.weight"].shape[1], math.isqrt(sd["pos_embed"].shape[1])
-        out_ch, n_cls = sd["final_layer.linear.weight"].shape[0] // (p * p), sd["y_embedder.embedding_table.weight"].shape[0] - 1
+        in_ch, grid, out_ch, n_cls = dit_style_io(sd, p)
         key = "DiffiT-256" if grid * p <= 32 else "DiffiT-512"
     elif "patch_embed.proj.weight" in sd and "mid_block.attn.qkv.weight" in sd:   # U-ViT
         family = "unet_vit"
@@ -129,8 +132,7 @@ def recognise_official(sd, args, path):
         family = "dit"
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
         size = size_name("DiT", D, n_blocks(sd, "blocks."), p, {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"})
-        in_ch, grid = sd["x_embedder.proj.weight"].shape[1], math.isqrt(sd["pos_embed"].shape[1])
-        out_ch, n_cls = sd["final_layer.linear.weight"].shape[0] // (p * p), sd["y_embedder.embedding_table.weight"].shape[0] - 1
+        in_ch, grid, out_ch, n_cls = dit_style_io(sd, p)
         key = "SiT" if (args.objective == "sit" or (args.objective is None and "sit" in base)) else "DiT"
     else:
         raise UserError(f"{path}: not a checkpoint of this library and not an official DiT/SiT/U-ViT/MDTv2/DiffiT "
