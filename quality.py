@@ -14,6 +14,7 @@ printed beside them):
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -116,9 +117,10 @@ def evaluate_all(args):
             t0 = time.time()
             run = train.main(["--model", family, "--objective", objective, "--steps", str(args.steps), "--seed", str(args.seed),
                               "--results-dir", args.results_dir, "--no-progress", "--sample-every", "0"]
-                             + (["--size", size] if size else []))
+                             + (["--size", size] if size else []) + shlex.split(args.train_args))
             train_s = time.time() - t0
-            row = dict(model=size or train.FAMILIES[family][2], objective=objective, steps=args.steps, train_s=round(train_s, 1))
+            row = dict(model=size or train.FAMILIES[family][2], objective=objective, train_args=args.train_args, steps=args.steps,
+                       train_s=round(train_s, 1))
             for w in args.cfg_scales:
                 r = evaluate_run(net, run, w, steps=args.sample_steps, seed=args.seed)
                 row[f"acc_cfg{w}"], row[f"fd_cfg{w}"] = round(r["accuracy"], 3), round(r["fd"], 2)
@@ -145,6 +147,8 @@ def main(argv=None):
     p.add_argument("--objectives", nargs="+", default=list(train.OBJECTIVES), help="objectives for --all (default: all)")
     p.add_argument("--steps", type=int, default=2000, help="training steps per pair for --all (default: 2000)")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to judge (default: 1 3)")
+    p.add_argument("--train-args", default="", help="extra train.py flags for every pair of --all, one quoted string, "
+                   "e.g. --train-args='--lr 3e-4' (default: none)")
     p.add_argument("--results-dir", default="runs/quality", help="where --all puts its runs (default: runs/quality)")
     p.add_argument("--json", default="quality.json", help="--all writes its table here (default: quality.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the classifier (default: 0)")

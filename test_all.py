@@ -205,6 +205,19 @@ def test_min_snr_weight():
     assert abs(w[0].item() - 0.0005) < 1e-4 and abs(w[2].item() - 1.0) < 1e-6
 
 
+def test_min_snr_defaults():
+    # on by default for MDTv2 (its paper's recipe) and for every backbone on the digits (README, "Does every pair
+    # learn?"); off for DiT, U-ViT, DiffiT and MDT v1 elsewhere; the flag wins both ways
+    def cfg(preset, *a):
+        args = train.resolve_args(train.get_parser().parse_args(list(a)), preset)
+        return train.objective_config(args)["min_snr"]
+    assert cfg("digits") and cfg("digits", "--model", "unet_vit") and not cfg("digits", "--no-min-snr")
+    assert cfg("official", "--model", "mdt") and cfg("official", "--model", "mdt", "--size", "MDTv2-S/2")
+    assert not cfg("official", "--model", "mdt", "--size", "MDT-XL/2") and not cfg("official", "--model", "dit")
+    assert not cfg("official", "--model", "diffit") and cfg("official", "--model", "dit", "--min-snr")
+    assert train.build_objective(train.objective_config(train.get_parser().parse_args([]))).mse_weight is None
+
+
 class ToyEps(torch.nn.Module):
     """A fixed smooth function of (x, t, y) that follows the backbone contract."""
 
