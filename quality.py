@@ -3,6 +3,7 @@ Sample quality on the embedded 8x8 digits: does a trained model generate the dig
 
     python quality.py --samples s.npz          # judge samples written by sample.py (labels inside the npz)
     python quality.py --all                    # train every backbone x objective, sample, judge, print the table
+    python quality.py --run RUN_DIR --samplers ddpm:250 ddim:50   # one trained run, several samplers
 
 Two numbers, both from a small CNN trained ONLY on the real training digits (its held-out accuracy is
 printed beside them):
@@ -137,10 +138,38 @@ def evaluate_all(args):
     return rows
 
 
+def evaluate_samplers(args):
+    """Judge one trained run with several SAMPLER:STEPS settings at guidance w = 1 (the speed/quality trade-off)."""
+    if not os.path.isdir(args.run):
+        raise train.UserError(f"--run {args.run}: no such run directory")
+    objective = train.load_checkpoint(args.run).get("config", {}).get("objective", {}).get("name")
+    if objective not in train.SAMPLERS:
+        raise train.UserError(f"--run {args.run}: not a run of train.py")
+    specs = [spec.partition(":")[::2] for spec in args.samplers]                # [(sampler, steps), ...]
+    for sampler, steps in specs:
+        if sampler not in train.SAMPLERS[objective] or (steps and not (steps.isdigit() and int(steps) > 0)):
+            raise train.UserError(f"--samplers {sampler}:{steps}: give SAMPLER or SAMPLER:STEPS with a sampler of "
+                                  f"{objective} ({', '.join(train.SAMPLERS[objective])})")
+    net, acc_real = train_classifier(args.seed)
+    rows = []
+    for sampler, steps in specs:
+        r = evaluate_run(net, args.run, 1.0, sampler=sampler, steps=int(steps) if steps else None, seed=args.seed)
+        rows.append(dict(sampler=sampler, steps=int(steps) if steps else None, accuracy=round(r["accuracy"], 3),
+                         fd=round(r["fd"], 2), fd_floor=round(r["fd_floor"], 2), sample_s=round(r["sample_s"], 1)))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"judge held-out accuracy {acc_real:.4f}")
+    with open(args.json, "w") as f:
+        json.dump(dict(classifier_heldout_accuracy=acc_real, run=args.run, rows=rows), f, indent=1)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Judge digit samples with a classifier trained on real digits.")
     p.add_argument("--samples", help="an .npz written by sample.py (arr_0 and labels)")
     p.add_argument("--all", action="store_true", help="train and judge every backbone x objective")
+    p.add_argument("--run", help="a trained run directory to judge with each of --samplers")
+    p.add_argument("--samplers", nargs="+", default=[], help="SAMPLER or SAMPLER:STEPS for --run, e.g. ddpm:250 "
+                   "ddim:50 dpm++:25 sde-euler:50 ode-dopri5 (w = 1, 360 class-balanced samples)")
     p.add_argument("--models", nargs="+", default=list(train.FAMILIES) + ["diffit:DiffiT-UNet-Tiny"],
                    help="FAMILY or FAMILY:SIZE for --all (default: every family's Tiny config + image-space DiffiT)")
     p.add_argument("--sample-steps", type=int, default=250, help="steps of each objective's default sampler (default: 250)")
@@ -155,8 +184,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.all:
         return evaluate_all(args)
+    if args.run:
+        if not args.samplers:
+            raise train.UserError("--run needs --samplers, e.g. --samplers ddpm:250 ddim:50")
+        return evaluate_samplers(args)
     if not args.samples:
-        raise train.UserError("give --samples FILE.npz or --all")
+        raise train.UserError("give --samples FILE.npz, --all, or --run DIR --samplers ...")
     if not os.path.isfile(args.samples):
         raise train.UserError(f"--samples {args.samples}: no such file")
     net, acc_real = train_classifier(args.seed)

@@ -1238,6 +1238,20 @@ def test_short_run_makes_recognisable_digits(tmp_path, digit_judge, objective, s
     assert r["accuracy"] > threshold, r
 
 
+def test_quality_sampler_table_cli(tmp_path, digit_judge, monkeypatch):
+    """quality.py --run DIR --samplers ...: one JSON row per sampler, judged at w = 1; bad specs are one-line errors."""
+    import quality
+    monkeypatch.setattr(quality, "train_classifier", lambda seed: (digit_judge, 1.0))   # the fixture's judge
+    run = train.main(["--steps", "5", "--no-progress", "--sample-every", "0", "--results-dir", str(tmp_path)])
+    rows = quality.main(["--run", run, "--samplers", "ddim:5", "dpm++:4", "--json", str(tmp_path / "q.json")])
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("ddim", 5), ("dpm++", 4)]
+    assert json.load(open(tmp_path / "q.json"))["rows"][1]["fd"] == rows[1]["fd"] > 0
+    for bad in (["--run", run, "--samplers", "ddim:x"], ["--run", run, "--samplers", "sde-euler:5"],
+                ["--run", str(tmp_path / "nope"), "--samplers", "ddim:5"], ["--run", run]):
+        with pytest.raises(train.UserError):
+            quality.main(bad)
+
+
 def torchrun(script, *args, timeout=300):
     import socket
     with socket.socket() as s:
