@@ -145,16 +145,18 @@ def evaluate_samplers(args):
     objective = train.load_checkpoint(args.run).get("config", {}).get("objective", {}).get("name")
     if objective not in train.SAMPLERS:
         raise train.UserError(f"--run {args.run}: not a run of train.py")
-    specs = [spec.partition(":")[::2] for spec in args.samplers]                # [(sampler, steps), ...]
-    for sampler, steps in specs:
+    specs = []                                                                  # [(sampler, steps or None), ...]
+    for spec in args.samplers:
+        sampler, _, steps = spec.partition(":")
         if sampler not in train.SAMPLERS[objective] or (steps and not (steps.isdigit() and int(steps) > 0)):
-            raise train.UserError(f"--samplers {sampler}:{steps}: give SAMPLER or SAMPLER:STEPS with a sampler of "
+            raise train.UserError(f"--samplers {spec}: give SAMPLER or SAMPLER:STEPS with a sampler of "
                                   f"{objective} ({', '.join(train.SAMPLERS[objective])})")
+        specs.append((sampler, int(steps) if steps else None))
     net, acc_real = train_classifier(args.seed)
     rows = []
     for sampler, steps in specs:
-        r = evaluate_run(net, args.run, 1.0, sampler=sampler, steps=int(steps) if steps else None, seed=args.seed)
-        rows.append(dict(sampler=sampler, steps=int(steps) if steps else None, accuracy=round(r["accuracy"], 3),
+        r = evaluate_run(net, args.run, 1.0, sampler=sampler, steps=steps, seed=args.seed)
+        rows.append(dict(sampler=sampler, steps=steps, accuracy=round(r["accuracy"], 3),
                          fd=round(r["fd"], 2), fd_floor=round(r["fd_floor"], 2), sample_s=round(r["sample_s"], 1)))
         print(json.dumps(rows[-1]), flush=True)
     print(f"judge held-out accuracy {acc_real:.4f}")

@@ -66,7 +66,7 @@ def add_model_args(p):
     p.add_argument("--timestep-offset", type=int, default=0, help="ddpm: added to t before the backbone (1 for U-ViT checkpoints; default 0)")
     p.add_argument("--min-snr", action=argparse.BooleanOptionalAction, default=None,
                    help="ddpm: weight the MSE by min(SNR,5)/SNR (default: on for MDTv2 as in its paper, and on the "
-                   "digits; off for DiT, U-ViT, DiffiT and MDT v1 on other data, as in their papers)")
+                   "digits; off for DiT, U-ViT, DiffiT and MDT v1 on other data, as in their code)")
     # sit
     p.add_argument("--path-type", default="Linear", help="sit: Linear, GVP or VP (default: Linear)")
     p.add_argument("--prediction", default="velocity", help="sit: velocity, score or noise (default: velocity)")
