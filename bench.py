@@ -8,7 +8,8 @@ Speed and memory benchmark for any backbone x objective, on CUDA or CPU.
 
 Measures, per precision mode: training throughput (images/s of a full step: objective loss [+ masked pass],
 backward, AdamW, EMA), forward FLOPs (torch.utils.flop_counter, one forward; training counted as 3x
-forward), achieved TFLOP/s and MFU against --peak-tflops, peak GPU memory of the training step, inference
+forward), achieved TFLOP/s and MFU against --peak-tflops, peak GPU memory of the training step, the bytes
+autograd saves for backward in one training forward (any device; --memory-budget trades them for recompute), inference
 forward images/s, and end-to-end sampling time for the samplers of the objective. Timing: warm-up steps
 excluded, torch.cuda.synchronize around each timed block, median of --repeats blocks. A table goes to
 stdout and everything to --json.
@@ -22,6 +23,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch._functorch.config
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
@@ -51,6 +53,8 @@ def get_parser():
     p.add_argument("--sample-batch", type=int, default=64, help="images per sampling run (default: 64)")
     p.add_argument("--sample-steps-scale", type=float, default=1.0, help="multiply every sampler's steps (e.g. 0.04 on CPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: from the GPU name)")
+    p.add_argument("--memory-budget", type=float, default=1.0, help="compiled modes: the fraction of activations "
+                   "kept for backward, the rest recomputed (torch's activation_memory_budget; default: 1 = keep all)")
     p.add_argument("--quality-check", action="store_true", help="compare bf16 / compiled outputs with fp32 eager")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--json", default="bench.json", help="write all results here (default: bench.json)")
@@ -96,8 +100,29 @@ def build(args, device, compile_):
                num_classes=10 if args.tiny else args.num_classes, class_dropout_prob=0.1)
     torch.manual_seed(args.seed)
     model = train.build_model(cfg).to(device)
+    torch._functorch.config.activation_memory_budget = args.memory_budget
     fwd = torch.compile(model) if compile_ else model
     return model, fwd, objective, cfg
+
+
+def saved_activation_bytes(step_loss, params):
+    """Bytes of the tensors autograd keeps for backward in one training forward (storages counted once, the
+    parameters not counted): the activation memory, measured on any device, compiled graphs included."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step_loss()
+    loss.backward()
+    return total
 
 
 def bench_mode(args, mode, device):
@@ -123,13 +148,16 @@ def bench_mode(args, mode, device):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
         model.train()
 
-        def step():      # the order of train.py's loop: grads are freed before the forward, not after it
-            opt.zero_grad(set_to_none=True)
+        def step_loss():
             with amp:
                 loss = objective.loss(fwd, x, y)["loss"].mean()
                 if masked:
                     loss = loss + objective.loss(fwd, x, y, model_kwargs=dict(mask_ratio=args.mask_ratio))["loss"].mean()
-            loss.backward()
+            return loss
+
+        def step():      # the order of train.py's loop: grads are freed before the forward, not after it
+            opt.zero_grad(set_to_none=True)
+            step_loss().backward()
             opt.step()
             train.update_ema(ema, model, 0.9999)
 
@@ -140,6 +168,8 @@ def bench_mode(args, mode, device):
         res["train_tflops"] = train_gflops * res["train_img_s"] / 1e3
         if device.type == "cuda":
             res["train_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        opt.zero_grad(set_to_none=True)
+        res["saved_activations_gb"] = saved_activation_bytes(step_loss, model.parameters()) / 1e9
         del opt, ema
 
     if "forward" in args.what:
@@ -176,6 +206,8 @@ def main(argv=None):
     if args.model not in train.FAMILIES:
         raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(train.FAMILIES)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not 0 < args.memory_budget <= 1:
+        raise UserError(f"--memory-budget must be in (0, 1], got {args.memory_budget}")
     if args.tiny:
         args.batch_size = min(args.batch_size, 16)
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -218,6 +218,48 @@ def test_min_snr_defaults():
     assert train.build_objective(train.objective_config(train.get_parser().parse_args([]))).mse_weight is None
 
 
+def test_official_recipe_by_family():
+    # off the digits each family trains with its own optimizer recipe (README, "ImageNet latents"); flags win
+    def opt(preset, *a):
+        r = train.resolve_args(train.get_parser().parse_args(list(a)), preset)
+        return r.lr, r.weight_decay, tuple(r.betas), r.warmup_steps, r.grad_clip, r.batch_size
+    assert opt("official", "--model", "dit") == (1e-4, 0.0, (0.9, 0.999), 0, 0.0, 256)
+    assert opt("official", "--model", "unet_vit") == (2e-4, 0.03, (0.99, 0.99), 5000, 0.0, 1024)
+    assert opt("official", "--model", "mdt") == (3e-4, 0.0, (0.9, 0.999), 0, 1.0, 256)
+    assert opt("official", "--model", "mdt", "--size", "MDT-XL/2") == (3e-4, 0.0, (0.9, 0.999), 0, 0.0, 256)
+    assert opt("official", "--model", "diffit") == (3e-4, 0.0, (0.9, 0.999), 0, 0.0, 256)
+    assert opt("official", "--model", "unet_vit", "--lr", "1e-4", "--betas", "0.9", "0.95")[:3] == (1e-4, 0.03, (0.9, 0.95))
+    assert opt("digits", "--model", "unet_vit") == opt("digits", "--model", "dit")
+
+
+def test_compiled_training_with_memory_budget_matches_eager(tmp_path, monkeypatch):
+    # --compile --memory-budget: same losses as eager (recompute changes no math). The partitioner is inductor's,
+    # without its code generation (aot_eager_decomp_partition), to keep CI fast.
+    import functools
+    import torch._dynamo
+    import torch._functorch.config as fconf
+    eager = last_losses(train.main(QUICK + ["--results-dir", str(tmp_path / "e"), "--steps", "3"]))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager_decomp_partition"))
+    torch._dynamo.reset()
+    try:
+        run = train.main(QUICK + ["--results-dir", str(tmp_path / "c"), "--steps", "3", "--compile", "--memory-budget", "0.4"])
+        assert fconf.activation_memory_budget == 0.4
+    finally:
+        fconf.activation_memory_budget = 1.0
+        torch._dynamo.reset()
+    np.testing.assert_allclose([float(v) for v in last_losses(run)], [float(v) for v in eager], atol=2e-4)
+
+
+def test_warmup_first_update_has_zero_lr(tmp_path):
+    # U-ViT's warm-up factor is min(s / warmup, 1) after s updates: the first update moves nothing, so the EMA
+    # (which starts as a copy) still equals the model; without warm-up they differ
+    def one_step(*extra):
+        run = train.main(QUICK + ["--results-dir", str(tmp_path), "--steps", "1"] + list(extra))
+        ck = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+        return all(torch.equal(ck["model"][k], ck["ema"][k]) for k in ck["model"])
+    assert one_step("--warmup-steps", "10", "--weight-decay", "0.03") and not one_step()
+
+
 class ToyEps(torch.nn.Module):
     """A fixed smooth function of (x, t, y) that follows the backbone contract."""
 
@@ -392,6 +434,10 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     (["--data", "/nonexistent/folder"], "no such folder"),
     (["--class-dropout", "0"], "needs a model trained with label dropout"),
     (["--batch-size", "5000"], "fewer than --batch-size"),
+    (["--betas", "0.9", "1.5"], "--betas must be in"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+    (["--memory-budget", "0.5"], "add --compile"),
+    (["--memory-budget", "0", "--compile"], "--memory-budget must be in"),
 ])
 def test_train_user_errors(tmp_path, argv, match):
     with pytest.raises(train.UserError, match=match):
@@ -1020,6 +1066,52 @@ def test_mdt_compiled_masked_forward_does_not_recompile_every_step():
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     assert graphs <= 3, f"{graphs} graphs for 6 masked steps"   # first shapes, then one dynamic recompile
+
+
+# ===================================================================================================
+# bench.py (CPU, tiny configs: the GPU numbers are in README)
+# ===================================================================================================
+
+import bench  # noqa: E402
+
+
+def test_bench_runs_on_cpu_and_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    rows = bench.main(["--tiny", "--device", "cpu", "--objective", "sit", "--modes", "fp32", "bf16", "--steps", "1",
+                       "--warmup", "1", "--repeats", "1", "--sample-steps-scale", "0.02", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["mode"] for r in saved["results"]] == ["fp32", "bf16"] and saved["env"]["command"].startswith("python bench.py")
+    for r in rows:
+        for k in ("train_img_s", "forward_img_s", "gflops_fwd_per_img", "saved_activations_gb", "sample_sde_euler5_cfg_s"):
+            assert r[k] > 0, (r["mode"], k)
+    # bf16 autocast saves bf16 activations: less than fp32, not more
+    assert rows[1]["saved_activations_gb"] < rows[0]["saved_activations_gb"]
+    with pytest.raises(train.UserError, match="--memory-budget"):
+        bench.main(["--tiny", "--device", "cpu", "--memory-budget", "0", "--json", str(out)])
+
+
+def test_memory_budget_trades_saved_activations_for_recompute():
+    # the compiler's partitioner honours activation_memory_budget: fewer bytes kept for backward, same gradients
+    import torch._dynamo
+    import torch._functorch.config as fconf
+    x, t, y = torch.randn(8, 1, 8, 8), torch.randint(0, 1000, (8,)), torch.randint(0, 10, (8,))
+    saved, grads = {}, {}
+    for budget in (1.0, 0.3):
+        torch._dynamo.reset()
+        fconf.activation_memory_budget = budget
+        torch.manual_seed(0)
+        m = tiny_dit()
+        for p in m.parameters():   # no zero-init: every path carries gradient
+            p.data.normal_(0, 0.05)
+        cm = torch.compile(m, backend="aot_eager_decomp_partition")   # the partitioner inductor uses, no codegen
+        saved[budget] = bench.saved_activation_bytes(lambda: cm(x, t, y).pow(2).mean(), m.parameters())
+        grads[budget] = [p.grad for p in m.parameters() if p.requires_grad]
+    fconf.activation_memory_budget = 1.0
+    torch._dynamo.reset()
+    assert saved[0.3] < 0.8 * saved[1.0], saved
+    assert all(g is not None for g in grads[1.0] + grads[0.3])
+    for a, b in zip(grads[1.0], grads[0.3]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ===================================================================================================

@@ -37,12 +37,26 @@ SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm++"), "sit": ("ode-euler", "ode-heun", 
 DEFAULT_SAMPLER = {"ddpm": "ddpm", "sit": "sde-euler"}
 # Presets: the official recipe for real data; a fast one for the embedded digits (so a CPU run takes minutes)
 PRESETS = {
-    "official": dict(lr=1e-4, ema=0.9999, batch_size=256, steps=400_000, log_every=100, sample_every=10_000,
-                     ckpt_every=50_000, sample_steps=250),
+    "official": dict(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), warmup_steps=0, grad_clip=0.0, ema=0.9999,
+                     batch_size=256, steps=400_000, log_every=100, sample_every=10_000, ckpt_every=50_000,
+                     sample_steps=250),
     # digits: min-SNR-5 for ddpm on every backbone (README, "Does every pair learn?": DiT's plain weighting
     # under-trains the high-noise steps where the class is decided; DiffiT-Tiny/2 misses 0.90 without it)
-    "digits": dict(lr=1e-3, ema=0.995, batch_size=128, steps=2000, log_every=100, sample_every=500,
-                   ckpt_every=1000, sample_steps=50, min_snr=True),
+    "digits": dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), warmup_steps=0, grad_clip=0.0, ema=0.995,
+                   batch_size=128, steps=2000, log_every=100, sample_every=500, ckpt_every=1000, sample_steps=50,
+                   min_snr=True),
+}
+# Each family's own optimizer recipe on real data (ImageNet-256 latents), over the "official" preset above:
+# DiT/SiT: AdamW 1e-4 (DiT Sec. 4). U-ViT-H/2: AdamW 2e-4, wd 0.03 on every parameter, betas (0.99, 0.99), linear
+# warm-up over 5k steps, batch 1024, 500k steps (configs/imagenet256_uvit_huge.py). MDT: AdamW 3e-4 (v1; MDTv2
+# trains with Adan, which torch lacks: we keep AdamW at its lr and its grad-norm clip of 1). Latent DiffiT: 3e-4
+# at 256 px (1e-4 with batch 512 at 512 px: pass them).
+OFFICIAL_RECIPES = {
+    "dit": {},
+    "unet_vit": dict(lr=2e-4, weight_decay=0.03, betas=(0.99, 0.99), warmup_steps=5000, batch_size=1024, steps=500_000),
+    "mdt": dict(lr=3e-4),
+    "mdt_v2": dict(lr=3e-4, grad_clip=1.0),
+    "diffit": dict(lr=3e-4),
 }
 
 
@@ -100,13 +114,22 @@ def get_parser():
     p.add_argument("--resume", default=None, help="checkpoint file or run directory to continue from (uses its last.pt)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: 2000 digits, 400000 official)")
     p.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch size over all processes (default: 128 digits, 256 official)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default: 1e-3 digits, 1e-4 official)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0, official)")
-    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the global grad norm to this value, 0 = off (default: 0, official)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant after the warm-up (default: 1e-3 "
+                   "digits; on other data the family's own: 1e-4 DiT, 2e-4 U-ViT, 3e-4 MDT and DiffiT)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: 0; 0.03 U-ViT off the digits)")
+    p.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="AdamW betas (default: 0.9 0.999; 0.99 0.99 U-ViT off the digits)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear lr warm-up over this many steps, 0 = none "
+                   "(default: 0; 5000 U-ViT off the digits)")
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the global grad norm to this value, 0 = off "
+                   "(default: 0; 1 for MDTv2 off the digits, as its optimizer)")
     p.add_argument("--ema", type=float, default=None, help="EMA decay (default: 0.995 digits, 0.9999 official)")
     p.add_argument("--mask-ratio", type=float, default=0.3, help="masking backbones (mdt): mask ratio, 0 = no masked pass (default: 0.3)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (TF32 matmuls on GPU) or bf16 autocast (default: fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--memory-budget", type=float, default=None, help="with --compile: keep at most this fraction of the "
+                   "activations for backward and recompute the cheapest ops for the rest (torch's "
+                   "activation_memory_budget; same math; default: 1 = keep all)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
     p.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
     p.add_argument("--log-every", type=int, default=None, help="log every N steps (default: 100)")
@@ -119,12 +142,16 @@ def get_parser():
 
 
 def resolve_args(args, preset):
-    """Fill unset flags from the preset and check the combination; UserError on a bad one."""
-    for k, v in PRESETS[preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    """Fill unset flags from the preset (and, off the digits, the family's own recipe); UserError on a bad combination."""
     if args.model not in FAMILIES:
         raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(FAMILIES)}")
+    defaults = dict(PRESETS[preset])
+    if preset == "official":
+        mdt_v2 = args.model == "mdt" and not (args.size or "").startswith("MDT-")
+        defaults.update(OFFICIAL_RECIPES["mdt_v2" if mdt_v2 else args.model])
+    for k, v in defaults.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
     if hasattr(args, "min_snr") and args.min_snr is None:   # MDTv2 trains with min-SNR-5; DiT, U-ViT, DiffiT, MDT v1 do not
         args.min_snr = args.model == "mdt" and not (args.size or "").startswith("MDT-")
     if args.objective not in OBJECTIVES:
@@ -144,6 +171,11 @@ def resolve_args(args, preset):
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     if hasattr(args, "lr") and args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    for name in ("weight_decay", "warmup_steps", "grad_clip"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if getattr(args, "betas", None) is not None and not all(0 <= b < 1 for b in args.betas):
+        raise UserError(f"--betas must be in [0, 1), got {' '.join(map(str, args.betas))}")
     if hasattr(args, "ema") and args.ema is not None and not 0 <= args.ema < 1:
         raise UserError(f"--ema must be in [0, 1), got {args.ema}")
     if not 0 <= args.class_dropout < 1:
@@ -151,6 +183,11 @@ def resolve_args(args, preset):
     if args.cfg_scale != 1 and args.class_dropout == 0:
         raise UserError("guidance (--cfg-scale != 1) needs a model trained with label dropout; "
                         "set --cfg-scale 1 or --class-dropout > 0")
+    if getattr(args, "memory_budget", None) is not None:
+        if not 0 < args.memory_budget <= 1:
+            raise UserError(f"--memory-budget must be in (0, 1], got {args.memory_budget}")
+        if not args.compile:
+            raise UserError("--memory-budget works through torch.compile: add --compile")
     if hasattr(args, "mask_ratio") and not 0 <= args.mask_ratio < 1:
         raise UserError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     return args
@@ -434,6 +471,9 @@ def main(argv=None):
         for k, v in saved.items():
             if k not in given and k != "resume":
                 setattr(args, k, v)                  # ... unless set again on this command line
+        for k, v in (("betas", tuple(resume["opt"]["param_groups"][0].get("betas", (0.9, 0.999)))), ("warmup_steps", 0)):
+            if k not in saved and k not in given:    # checkpoints written before these flags existed
+                setattr(args, k, v)
     data_preset = "digits" if args.data == "digits" else "official"
     args = resolve_args(args, data_preset)
 
@@ -472,7 +512,7 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     model.to(device).train()
     ema.to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=tuple(args.betas),
                             weight_decay=args.weight_decay, fused=device.type == "cuda")
     step, nonfinite = 0, 0
     data_gen = torch.Generator(device).manual_seed(args.seed)  # shared by all ranks: t, noise, flips
@@ -481,7 +521,7 @@ def main(argv=None):
         load_weights(ema, resume["ema"], "--resume ema")
         opt.load_state_dict(resume["opt"])
         for g in opt.param_groups:
-            g["lr"] = args.lr
+            g.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
         step, nonfinite = resume["step"], resume.get("nonfinite", 0)
         data_gen.set_state(resume["rng"]["data"])
         states = resume["rng"]["torch"]
@@ -495,6 +535,9 @@ def main(argv=None):
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=unused) if ddp else model
     if args.compile:
+        if args.memory_budget is not None:   # the compiler's min-cut partitioner picks what to recompute
+            import torch._functorch.config as functorch_config
+            functorch_config.activation_memory_budget = args.memory_budget
         train_model = torch.compile(train_model)
 
     # --- run directory (rank 0 writes every file) --------------------------------------------------------
@@ -542,6 +585,9 @@ def main(argv=None):
             noise_m = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[rank * local_bs:(rank + 1) * local_bs]
         x, y = get_batch(data, idx, flip, eps, device)
         opt.zero_grad(set_to_none=True)   # free last step's grads before the forward (lower peak memory)
+        if args.warmup_steps:   # U-ViT's linear warm-up: lr * min(s / warmup, 1) for the update after s updates
+            for g in opt.param_groups:
+                g["lr"] = args.lr * min(step / args.warmup_steps, 1.0)
         with amp:
             terms = objective.loss(train_model, x, y, t=t, noise=noise)
             loss = terms["loss"].mean()
