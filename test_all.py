@@ -1090,6 +1090,17 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
         bench.main(["--tiny", "--device", "cpu", "--memory-budget", "0", "--json", str(out)])
 
 
+@pytest.mark.parametrize("family", list(train.FAMILIES))
+def test_bf16_and_compiled_forward_match_fp32_eager(family):
+    # issue 9: no speed path may change the math. bench.py --quality-check on CPU, Tiny configs with random
+    # weights (inductor-compiled fp32, and bf16 autocast, against fp32 eager; relative to max |output|)
+    import torch._dynamo
+    args = bench.get_parser().parse_args(["--tiny", "--device", "cpu", "--model", family])
+    err = bench.quality_check(args, torch.device("cpu"))
+    torch._dynamo.reset()
+    assert err["compile_fp32_rel_err"] < 1e-5 and err["bf16_rel_err"] < 2e-2, err
+
+
 def test_memory_budget_trades_saved_activations_for_recompute():
     # the compiler's partitioner honours activation_memory_budget: fewer bytes kept for backward, same gradients
     import torch._dynamo
