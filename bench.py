@@ -53,8 +53,8 @@ def get_parser():
     p.add_argument("--sample-batch", type=int, default=64, help="images per sampling run (default: 64)")
     p.add_argument("--sample-steps-scale", type=float, default=1.0, help="multiply every sampler's steps (e.g. 0.04 on CPU)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: from the GPU name)")
-    p.add_argument("--memory-budget", type=float, default=1.0, help="compiled modes: the fraction of activations "
-                   "kept for backward, the rest recomputed (torch's activation_memory_budget; default: 1 = keep all)")
+    p.add_argument("--memory-budget", type=float, default=1.0, help="compiled modes: the activation memory kept "
+                   "for backward, between 0 (recompute all it can) and 1 (default); torch's activation_memory_budget")
     p.add_argument("--quality-check", action="store_true", help="compare bf16 / compiled outputs with fp32 eager")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--json", default="bench.json", help="write all results here (default: bench.json)")

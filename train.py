@@ -127,9 +127,9 @@ def get_parser():
     p.add_argument("--mask-ratio", type=float, default=0.3, help="masking backbones (mdt): mask ratio, 0 = no masked pass (default: 0.3)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (TF32 matmuls on GPU) or bf16 autocast (default: fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--memory-budget", type=float, default=None, help="with --compile: keep at most this fraction of the "
-                   "activations for backward and recompute the cheapest ops for the rest (torch's "
-                   "activation_memory_budget; same math; default: 1 = keep all)")
+    p.add_argument("--memory-budget", type=float, default=None, help="with --compile: the activation memory kept for "
+                   "backward, between 0 (recompute all it can) and 1 (keep what runs fastest, the default); torch's "
+                   "activation_memory_budget: the compiler recomputes the cheapest ops first; same math")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
     p.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
     p.add_argument("--log-every", type=int, default=None, help="log every N steps (default: 100)")
