@@ -145,15 +145,15 @@ def resolve_args(args, preset):
     """Fill unset flags from the preset (and, off the digits, the family's own recipe); UserError on a bad combination."""
     if args.model not in FAMILIES:
         raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(FAMILIES)}")
+    mdt_v2 = args.model == "mdt" and not (args.size or "").startswith("MDT-")
     defaults = dict(PRESETS[preset])
     if preset == "official":
-        mdt_v2 = args.model == "mdt" and not (args.size or "").startswith("MDT-")
         defaults.update(OFFICIAL_RECIPES["mdt_v2" if mdt_v2 else args.model])
     for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if hasattr(args, "min_snr") and args.min_snr is None:   # MDTv2 trains with min-SNR-5; DiT, U-ViT, DiffiT, MDT v1 do not
-        args.min_snr = args.model == "mdt" and not (args.size or "").startswith("MDT-")
+        args.min_snr = mdt_v2
     if args.objective not in OBJECTIVES:
         raise UserError(f"unknown --objective {args.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if args.sampler is None:
