@@ -34,6 +34,8 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="seed for noise and labels (default: 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 or bf16 autocast (default: fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model: the sampler calls it with one shape "
+                   "per batch, so it pays for its compile time on large sample sets (same math)")
     p.add_argument("--vae", default=None, help="VAE to decode latents, diffusers id or local path (default: the one "
                    "the training latents were made with, else stabilityai/sd-vae-ft-ema)")
     p.add_argument("--model", default=None, help="official files only: backbone family (default: read off the keys)")
@@ -200,6 +202,9 @@ def main(argv=None):
     dist = torch.distributed
     torch.backends.cuda.matmul.allow_tf32 = True
     model.to(device)
+    if args.precision == "bf16":
+        train.bf16_weights(model)                              # same outputs as autocast alone, less traffic
+    net = torch.compile(model) if args.compile else model     # the graph is reused by every step of every chunk
     n_cls, C, H = cfg["num_classes"], cfg["in_channels"], cfg["input_size"]
     out = args.out or "grid.png"
     npz = out.endswith(".npz")
@@ -228,7 +233,7 @@ def main(argv=None):
         torch.manual_seed(args.seed * 1_000_003 + c)                  # also the sampler's own noise (SDE, DDPM)
         z = torch.randn(b, C, H, H, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + c))
         with amp:
-            x = train.sample_images(objective, model, z.to(device), y[i:i + b].to(device), obj_name, args,
+            x = train.sample_images(objective, net, z.to(device), y[i:i + b].to(device), obj_name, args,
                                     progress=sys.stderr.isatty() and rank == 0)
         if kind == "latents":
             x = decode_latents(x.float(), args.vae, device)
@@ -262,7 +267,7 @@ def main(argv=None):
                            scale_pow=args.scale_pow, guidance_interval=args.guidance_interval,
                            labels="given" if args.class_labels else ("balanced" if args.balanced else "random"),
                            seed=args.seed, num_samples=n, vae=args.vae if kind == "latents" else None,
-                           precision=args.precision), f, indent=1)
+                           precision=args.precision, compile=args.compile), f, indent=1)
         print(f"wrote {out}: arr_0 {arr.shape} uint8, labels {y.shape}")
     else:
         train.save_grid(x, out, nrow=10 if n_cls == 10 else max(1, int(math.sqrt(n))))

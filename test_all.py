@@ -409,6 +409,26 @@ def test_train_sample_npz_end_to_end(tmp_path):
     assert np.array_equal(np.load(out2)["arr_0"], d["arr_0"])
 
 
+def test_sample_compile_and_bf16_weights_keep_the_samples(tmp_path, monkeypatch):
+    # sample.py --compile goes through torch.compile (aot_eager here: the inductor numerics are tested per family
+    # below) and --precision bf16 stores the weights in bf16: both give the samples of the plain path
+    import sample
+    import torch._dynamo
+    run = train.main(QUICK + ["--results-dir", str(tmp_path)])
+    common = ["--ckpt", run, "--num-samples", "6", "--sample-steps", "4", "--batch-size", "4"]
+    npz = lambda name, *extra: np.load(sample.main(common + [*extra, "--out", str(tmp_path / name)]))["arr_0"].astype(int)
+    eager = npz("e.npz")
+    calls, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or real_compile(m, backend="aot_eager"))
+    compiled = npz("c.npz", "--compile")
+    torch._dynamo.reset()
+    assert calls and np.abs(compiled - eager).max() <= 1
+    assert json.load(open(tmp_path / "c.json"))["compile"] is True
+    bf16 = npz("b.npz", "--precision", "bf16")
+    monkeypatch.setattr(train, "bf16_weights", lambda m: m)           # autocast alone
+    assert np.array_equal(bf16, npz("a.npz", "--precision", "bf16"))
+
+
 def test_resume_continues_the_same_trajectory(tmp_path):
     """Bitwise on CPU in one process: 6 steps straight == 3 steps, stop, --resume, 3 more steps."""
     run = train.main(QUICK + ["--results-dir", str(tmp_path), "--ckpt-every", "3"])
@@ -1099,6 +1119,7 @@ def test_bf16_and_compiled_forward_match_fp32_eager(family):
     err = bench.quality_check(args, torch.device("cpu"))
     torch._dynamo.reset()
     assert err["compile_fp32_rel_err"] < 1e-5 and err["bf16_rel_err"] < 2e-2, err
+    assert err["bf16_weights_vs_autocast_max_diff"] == 0, err     # bf16 inference weights: bit-identical outputs
 
 
 def test_memory_budget_trades_saved_activations_for_recompute():
