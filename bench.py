@@ -56,6 +56,9 @@ def get_parser():
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: from the GPU name)")
     p.add_argument("--memory-budget", type=float, default=1.0, help="compiled modes: the activation memory kept "
                    "for backward, between 0 (recompute all it can) and 1 (default); torch's activation_memory_budget")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
+                   "max-autotune-no-cudagraphs"], help="torch.compile mode of the +compile modes: reduce-overhead adds "
+                   "CUDA graphs, max-autotune also searches matmul kernels (default: default)")
     p.add_argument("--quality-check", action="store_true", help="compare bf16 / compiled outputs with fp32 eager")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--json", default="bench.json", help="write all results here (default: bench.json)")
@@ -102,7 +105,7 @@ def build(args, device, compile_):
     torch.manual_seed(args.seed)
     model = train.build_model(cfg).to(device)
     torch._functorch.config.activation_memory_budget = args.memory_budget
-    fwd = torch.compile(model) if compile_ else model
+    fwd = torch.compile(model, mode=args.compile_mode) if compile_ else model
     return model, fwd, objective, cfg
 
 
