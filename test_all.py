@@ -1110,6 +1110,24 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
         bench.main(["--tiny", "--device", "cpu", "--memory-budget", "0", "--json", str(out)])
 
 
+def test_bench_json_keeps_the_modes_measured_before_a_run_is_cut_short(tmp_path, monkeypatch):
+    # a GPU run stopped by a time limit (or an OOM in its last mode) must not lose the rows it already measured
+    out, real = tmp_path / "b.json", bench.bench_mode
+
+    def bench_mode(args, mode, device):
+        if mode == "bf16":
+            raise KeyboardInterrupt
+        return real(args, mode, device)
+    monkeypatch.setattr(bench, "bench_mode", bench_mode)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--tiny", "--device", "cpu", "--modes", "fp32", "bf16", "--what", "forward", "--steps", "1",
+                    "--warmup", "1", "--repeats", "1", "--json", str(out)])
+    assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["fp32"]
+    with pytest.raises(train.UserError, match="unknown mode"):   # a bad mode is refused before anything is timed
+        bench.main(["--tiny", "--device", "cpu", "--modes", "fp32", "fp16", "--json", str(tmp_path / "c.json")])
+    assert not (tmp_path / "c.json").exists()
+
+
 @pytest.mark.parametrize("family", list(train.FAMILIES))
 def test_bf16_and_compiled_forward_match_fp32_eager(family):
     # issue 9: no speed path may change the math. bench.py --quality-check on CPU, Tiny configs with random
