@@ -119,6 +119,41 @@ def test_dit_unpatchify_layout():
                 assert img[0, c, 2 + pr, 2 + pc] == tok[0, 5, (pr * p + pc) * 3 + c]
 
 
+# Outputs of the OFFICIAL DiT (facebookresearch/DiT models.py @ ed81ce2, with timm 1.0.31's PatchEmbed, Attention
+# and Mlp) with the same weights (keys sorted, 0.2 * randn from seed 0) and inputs, measured once on CPU (ours
+# was bitwise equal): sum and out.flatten()[::16]. Random weights everywhere, so unlike zero-init checks a wrong
+# modulation (shift/scale order, a missing 1 + scale or gate), conditioning or layout fails these.
+DIT_GOLDEN = {
+    "learn_sigma": (dict(input_size=8, patch_size=2, in_channels=1, out_channels=2, hidden_size=32, depth=2,
+                         num_heads=2, num_classes=10), -90.65137481689453,
+                    [-0.90796667, -1.4033377, -0.35978341, 0.76849639, 0.95841885, 1.4626304, 1.6256692, 1.4877759,
+                     0.53417456, -0.46353671, 2.2763715, 1.0214803, 1.2265208, 0.65252113, -0.41640797, 0.19306412,
+                     -2.7878904, -3.3602402, -2.8805201, -1.9009073, -4.007483, -5.2008462, -5.528686, -4.1934228]),
+    "eps_only_p4": (dict(input_size=8, patch_size=4, in_channels=4, out_channels=4, hidden_size=64, depth=3,
+                         num_heads=4, num_classes=5), -177.91355895996094,
+                    [-2.3410339, 4.6791654, -2.3098762, 2.8855333, -1.9642335, 6.414988, -3.2850895, 5.7006235,
+                     3.8559113, 9.7562666, 2.5913765, 10.787775, -2.5759082, -4.8417172, -1.8254726, -5.5148544,
+                     -9.989337, 5.4835229, -8.636529, 5.7553535, -5.9854202, 2.5478389, -5.1758323, -0.29090038,
+                     17.914295, 6.0339417, 17.868326, 4.7670345, 2.5234554, -3.7288899, 1.0903966, -1.9377584,
+                     8.7731972, 10.899031, 6.4259057, 5.7244887, -15.469251, -11.456371, -18.359688, -10.071987,
+                     17.493504, -0.52460462, 18.706142, 0.13365309, 3.2695746, 6.4668112, -1.518254, 6.2958374]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIT_GOLDEN))
+def test_dit_outputs_equal_golden_values_of_the_official_model(case):
+    kw, total, strided = DIT_GOLDEN[case]
+    m = dit.DiT(**kw).eval()
+    g = torch.Generator().manual_seed(0)
+    sd = m.state_dict()
+    m.load_state_dict({k: 0.2 * torch.randn(sd[k].shape, generator=g) for k in sorted(sd)}, strict=True)
+    x = torch.randn(3, kw["in_channels"], 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = m(x, torch.tensor([1.0, 500.5, 999.0]), torch.tensor([3, kw["num_classes"], 0]))   # 2nd: null label
+    torch.testing.assert_close(out.flatten()[::16], torch.tensor(strided), atol=1e-4, rtol=1e-5)
+    assert abs(out.sum().item() - total) < 1e-3
+
+
 def test_label_dropout_only_in_training():
     m = tiny_dit()
     torch.manual_seed(0)
@@ -250,6 +285,16 @@ def test_compiled_training_with_memory_budget_matches_eager(tmp_path, monkeypatc
     np.testing.assert_allclose([float(v) for v in last_losses(run)], [float(v) for v in eager], atol=2e-4)
 
 
+def test_update_ema_is_the_exponential_moving_average():
+    # ema <- decay * ema + (1 - decay) * model on parameters; buffers are copied
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.fill_(3.0), ema.weight.fill_(1.0), model.running_mean.fill_(5.0)
+    train.update_ema(ema, model, 0.9)
+    torch.testing.assert_close(ema.weight, torch.full((3,), 1.2))
+    assert torch.equal(ema.running_mean, model.running_mean) and torch.equal(model.weight, torch.full((3,), 3.0))
+
+
 def test_warmup_first_update_has_zero_lr(tmp_path):
     # U-ViT's warm-up factor is min(s / warmup, 1) after s updates: the first update moves nothing, so the EMA
     # (which starts as a copy) still equals the model; without warm-up they differ
@@ -305,6 +350,59 @@ def test_ddpm_sampling_seeded_and_finite():
         torch.manual_seed(3)
         b = D.sample(m, z, y, steps=steps, sampler=sampler, cfg_scale=2.0)
         assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+# DDPM ancestral samples of the OFFICIAL diffusion code (facebookresearch/DiT diffusion/ @ ed81ce2:
+# create_diffusion(timestep_respacing="10", learn_sigma=...).p_sample_loop) with the model below, noise z and
+# torch.manual_seed(3) before the loop, measured once on CPU (ours was bitwise equal): sum and flatten()[::4].
+# Covers the respaced timesteps the backbone sees, the learned-range and fixed-large variances (incl. t = 0)
+# and the noise-free last step.
+DDPM_SAMPLE_GOLDEN = {
+    True: (1.981770670041442, [-0.84070325, 0.074069604, 0.043715406, 0.25251698, -0.39924228, -0.24710457,
+                               -0.00395157, 0.86675626, 0.050405432, 0.30134776, 0.20406251, -0.4230276,
+                               -0.13964553, 0.14314499, 0.58500046, 0.61400533]),
+    False: (3.325665293261409, [-0.76387453, 0.41037184, 0.081640616, 0.097658865, -0.73478723, -0.33364308,
+                                0.085652411, 0.97138065, 0.06581971, 0.33228689, 0.45700774, -0.45922545,
+                                -0.23085549, 0.030890893, 0.84823829, 0.73019183]),
+}
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_ddpm_samples_equal_golden_values_of_the_official_code(learn_sigma):
+    def model(x, t, y):   # eps = x + 0.05 sin(x + t / 100), variance output 0.5 cos(x - t / 300)
+        t = t.float().view(-1, 1, 1, 1)
+        out = torch.cat([x + 0.05 * torch.sin(x + t / 100), 0.5 * torch.cos(x - t / 300)], dim=1)
+        return out if learn_sigma else out[:, :x.shape[1]]
+    z = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    out = ddpm.GaussianDiffusion(learn_sigma=learn_sigma).sample(model, z, torch.tensor([0, 1]), steps=10)
+    total, strided = DDPM_SAMPLE_GOLDEN[learn_sigma]
+    torch.testing.assert_close(out.flatten()[::4], torch.tensor(strided), atol=1e-6, rtol=1e-6)
+    assert abs(out.double().sum().item() - total) < 1e-5
+
+
+def test_guidance_interval_follows_the_noise_level():
+    # tau = 1 is pure noise; --guidance-interval LO HI guides (a doubled batch) exactly when LO <= tau <= HI.
+    # ddpm's tau is the original timestep / T; sit's is 1 - t (t = 1 is data).
+    def recorder(calls, scale):
+        class M(torch.nn.Module):
+            num_classes = 3
+
+            def forward(self, x, t, y):
+                calls.append((t[0].item() / scale, x.shape[0] == 2 * n))
+                return 0.9 * x
+        return M()
+    n, z, y = 2, torch.randn(2, 2, 4, 4), torch.tensor([0, 1])
+    D = ddpm.GaussianDiffusion(learn_sigma=False)
+    for sampler in ("ddpm", "ddim", "dpm++"):
+        calls = []
+        D.sample(recorder(calls, 1000), z, y, steps=10, sampler=sampler, cfg_scale=2.0, guidance_interval=(0.0, 0.5))
+        assert len(calls) == 10 and [g for _, g in calls] == [tau <= 0.5 for tau, _ in calls], sampler
+        assert 0 < sum(g for _, g in calls) < 10
+    calls = []
+    sit.Transport().sample(recorder(calls, 1.0), z, y, method="ode", solver="euler", num_steps=10, cfg_scale=2.0,
+                           guidance_interval=(0.0, 0.5))
+    assert [g for _, g in calls] == [1 - t <= 0.5 for t, _ in calls] and 0 < sum(g for _, g in calls) < 9
 
 
 def test_dpmpp_converges_to_fine_ddim():
@@ -713,6 +811,37 @@ def test_sit_samplers_reach_the_data_distribution():
         if form != "constant":                   # constant D = 1 injects noise right up to t = 0.96 by design
             assert abs(x.mean() - 2.0) < 0.05 and abs(x.std() - 0.5) < 0.05, form
     x = tr.sample(exact_gaussian_velocity(), z, y, method="sde", solver="heun", num_steps=100, last_step="Tweedie")
+    assert abs(x.mean() - 2.0) < 0.05 and abs(x.std() - 0.5) < 0.05
+
+
+def exact_gaussian_model(tr, prediction, mu=2.0, sd=0.5):
+    """The exact model of data N(mu, sd^2) on the path of Transport tr: with x_t = alpha x1 + sigma x0,
+    Var[x_t] = alpha^2 sd^2 + sigma^2; score -(x - alpha mu) / Var; noise E[x0 | x_t] = -sigma * score;
+    velocity E[dalpha x1 + dsigma x0 | x_t] = dalpha mu + (dalpha alpha sd^2 + dsigma sigma) / Var (x - alpha mu)."""
+    class Exact(torch.nn.Module):
+        num_classes = 1
+
+        def forward(self, x, t, y):
+            alpha, dalpha, sigma, dsigma = tr.alpha_sigma(t.view(-1, 1, 1, 1).double())
+            var, r = alpha ** 2 * sd ** 2 + sigma ** 2, x.double() - alpha * mu
+            out = {"velocity": dalpha * mu + (dalpha * alpha * sd ** 2 + dsigma * sigma) / var * r,
+                   "score": -r / var, "noise": sigma * r / var}[prediction]
+            return out.float()
+    return Exact()
+
+
+@pytest.mark.parametrize("path", ["Linear", "GVP", "VP"])
+@pytest.mark.parametrize("prediction", ["velocity", "score", "noise"])
+def test_sit_every_path_and_prediction_samples_the_exact_gaussian(path, prediction):
+    # the sampler's conversions (noise -> score -> drift, velocity -> score) and signs, for every path: with the
+    # exact model of N(2, 0.5^2) the probability-flow ODE maps z to 2 + 0.5 z, and the SDE draws N(2, 0.5^2)
+    tr = sit.Transport(path, prediction)
+    z = torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4000, dtype=torch.long)
+    x = tr.sample(exact_gaussian_model(tr, prediction), z, y, method="ode", solver="heun", num_steps=100)
+    assert (x - (2.0 + 0.5 * z)).abs().max() < 0.02
+    torch.manual_seed(0)
+    x = tr.sample(exact_gaussian_model(tr, prediction), z, y, method="sde", solver="euler", num_steps=200)
     assert abs(x.mean() - 2.0) < 0.05 and abs(x.std() - 0.5) < 0.05
 
 
