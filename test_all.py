@@ -551,6 +551,11 @@ def test_train_sample_npz_end_to_end(tmp_path):
     out2 = sample.main(["--ckpt", run, "--out", str(tmp_path / "t.npz"), "--num-samples", "12", "--sample-steps", "5",
                         "--batch-size", "8"])
     assert np.array_equal(np.load(out2)["arr_0"], d["arr_0"])
+    # labels: uniform random for an FID .npz (ADM/DiT), class-balanced with --balanced
+    assert d["labels"].tolist() == torch.randint(0, 10, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    out3 = sample.main(["--ckpt", run, "--out", str(tmp_path / "b.npz"), "--num-samples", "12", "--sample-steps", "2",
+                        "--balanced"])
+    assert np.load(out3)["labels"].tolist() == [i % 10 for i in range(12)]
 
 
 def test_sample_compile_and_bf16_weights_keep_the_samples(tmp_path, monkeypatch):
@@ -1266,6 +1271,18 @@ def test_mdt_outputs_equal_golden_values_of_the_official_model(version):
         assert out.sum().item() == pytest.approx(total, abs=2e-3)
         assert out.abs().sum().item() == pytest.approx(total_abs, abs=2e-3)
         torch.testing.assert_close(out[0, 0, 0, :4], torch.tensor(first), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mask_ratio", ["0.3", "0"])
+def test_mdt_side_block_learns_only_from_the_masked_pass(tmp_path, mask_ratio):
+    # MDT Sec. 3.3: the masked pass adds its own loss; the side-interpolater is trained by it alone
+    run = train.main(["--model", "mdt", *QUICK, "--steps", "3", "--ckpt-every", "1", "--mask-ratio", mask_ratio,
+                      "--results-dir", str(tmp_path)])   # steps 1 -> 3: past adaLN-Zero's first update
+    a, b = (torch.load(os.path.join(run, "checkpoints", f"000000{s}.pt"), weights_only=True)["model"] for s in (1, 3))
+    side = [k for k in a if k.startswith("sideblocks.") or k == "mask_token"]
+    changed = [k for k in side if not torch.equal(a[k], b[k])]
+    assert len(side) > 10 and (len(changed) > len(side) // 2 if mask_ratio != "0" else not changed)
+    assert not torch.equal(a["en_inblocks.0.attn.qkv.weight"], b["en_inblocks.0.attn.qkv.weight"])
 
 
 def test_mdt_compiled_masked_forward_does_not_recompile_every_step():
