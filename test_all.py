@@ -1039,12 +1039,12 @@ def test_label_dropout_of_every_backbone(family, size):
         if isinstance(e, torch.nn.Embedding) and e.num_embeddings == 11:
             e.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
     assert sum(isinstance(e, torch.nn.Embedding) and e.num_embeddings == 11 for e in m.modules()) == 1
-    x, y, t = torch.randn(2000, 1, 8, 8), torch.zeros(2000, dtype=torch.long), torch.full((2000,), 5)
+    x, y, t = torch.randn(1000, 1, 8, 8), torch.zeros(1000, dtype=torch.long), torch.full((1000,), 5)
     torch.manual_seed(0)
     with torch.no_grad():
         m.train()(x, t, y)
         m.eval()(x, t, y)
-    assert 0.08 < (seen[0] == 10).float().mean() < 0.12 and not (seen[1] == 10).any()
+    assert 0.07 < (seen[0] == 10).float().mean() < 0.13 and not (seen[1] == 10).any()   # 0.1 +- 3 std
 
 
 # ===================================================================================================
