@@ -119,6 +119,18 @@ def test_dit_unpatchify_layout():
                 assert img[0, c, 2 + pr, 2 + pc] == tok[0, 5, (pr * p + pc) * 3 + c]
 
 
+def random_weight_forward(m, in_channels, y):
+    """m's output with every float state-dict entry set to 0.2 * randn (keys sorted, seed 0; zero-inits would hide
+    differences) on x from seed 1 and t = (1, 500.5, 999): the setting of the golden values below."""
+    g = torch.Generator().manual_seed(0)
+    sd = m.state_dict()
+    m.load_state_dict({k: 0.2 * torch.randn(sd[k].shape, generator=g) if sd[k].is_floating_point() else sd[k]
+                       for k in sorted(sd)}, strict=True)
+    x = torch.randn(3, in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return m.eval()(x, torch.tensor([1.0, 500.5, 999.0]), torch.tensor(y))
+
+
 # Outputs of the OFFICIAL DiT (facebookresearch/DiT models.py @ ed81ce2, with timm 1.0.31's PatchEmbed, Attention
 # and Mlp) with the same weights (keys sorted, 0.2 * randn from seed 0) and inputs, measured once on CPU (ours
 # was bitwise equal): sum and out.flatten()[::16]. Random weights everywhere, so unlike zero-init checks a wrong
@@ -143,13 +155,7 @@ DIT_GOLDEN = {
 @pytest.mark.parametrize("case", sorted(DIT_GOLDEN))
 def test_dit_outputs_equal_golden_values_of_the_official_model(case):
     kw, total, strided = DIT_GOLDEN[case]
-    m = dit.DiT(**kw).eval()
-    g = torch.Generator().manual_seed(0)
-    sd = m.state_dict()
-    m.load_state_dict({k: 0.2 * torch.randn(sd[k].shape, generator=g) for k in sorted(sd)}, strict=True)
-    x = torch.randn(3, kw["in_channels"], 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = m(x, torch.tensor([1.0, 500.5, 999.0]), torch.tensor([3, kw["num_classes"], 0]))   # 2nd: null label
+    out = random_weight_forward(dit.DiT(**kw), kw["in_channels"], [3, kw["num_classes"], 0])   # 2nd: null label
     torch.testing.assert_close(out.flatten()[::16], torch.tensor(strided), atol=1e-4, rtol=1e-5)
     assert abs(out.sum().item() - total) < 1e-3
 
@@ -1120,13 +1126,7 @@ UVIT_GOLDEN = {
 @pytest.mark.parametrize("case", sorted(UVIT_GOLDEN))
 def test_uvit_outputs_equal_golden_values_of_the_official_model(case):
     kw, total, strided = UVIT_GOLDEN[case]
-    m = unet_vit.UViT(**kw).eval()
-    g = torch.Generator().manual_seed(0)
-    sd = m.state_dict()
-    m.load_state_dict({k: 0.2 * torch.randn(sd[k].shape, generator=g) for k in sorted(sd)}, strict=True)
-    x = torch.randn(3, kw["in_channels"], 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = m(x, torch.tensor([1.0, 500.5, 999.0]), torch.tensor([3, 10, 0]))
+    out = random_weight_forward(unet_vit.UViT(**kw), kw["in_channels"], [3, 10, 0])
     torch.testing.assert_close(out.flatten()[::16], torch.tensor(strided), atol=1e-4, rtol=1e-4)
     assert abs(out.sum().item() - total) < 1e-3
 
@@ -1460,14 +1460,7 @@ DIFFIT_GOLDEN = {
 @pytest.mark.parametrize("case", sorted(DIFFIT_GOLDEN))
 def test_diffit_outputs_equal_regression_values(case):
     kw, total, strided = DIFFIT_GOLDEN[case]
-    m = (diffit.DiffiT if case == "latent" else diffit.DiffiTUNet)(**kw).eval()
-    g = torch.Generator().manual_seed(0)
-    sd = m.state_dict()
-    m.load_state_dict({k: 0.2 * torch.randn(sd[k].shape, generator=g) if sd[k].is_floating_point() else sd[k]
-                       for k in sorted(sd)}, strict=True)
-    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = m(x, torch.tensor([1.0, 500.5, 999.0]), torch.tensor([3, 10, 0]))
+    out = random_weight_forward((diffit.DiffiT if case == "latent" else diffit.DiffiTUNet)(**kw), 1, [3, 10, 0])
     torch.testing.assert_close(out.flatten()[::16], torch.tensor(strided), atol=1e-5, rtol=1e-5)
     assert abs(out.double().sum().item() - total) < 1e-4
 
