@@ -226,18 +226,13 @@ def main(argv=None):
         if mode not in ("fp32", "bf16", "bf16+compile", "fp32+compile"):
             raise UserError(f"unknown mode {mode!r}")
     results, quality = [], None
-
-    def save():   # rewritten after every mode: a run cut short (a device time limit) keeps what it measured
-        with open(args.json, "w") as f:
-            json.dump(dict(env=env, results=results, quality=quality), f, indent=1)
-
     for mode in args.modes:
         r = bench_mode(args, mode, device)
         if isinstance(peak, tuple) and peak[0] and "train_tflops" in r:
             r["mfu"] = r["train_tflops"] / (peak[0] if mode.startswith("bf16") else peak[1])
         results.append(r)
         print(json.dumps(r), flush=True)          # one line per mode as it finishes (long GPU runs)
-        save()
+        write_json(args.json, env, results, quality)   # after every mode: a run cut short keeps what it measured
         if device.type == "cuda":
             torch.cuda.empty_cache()
     quality = quality_check(args, device) if args.quality_check else None
@@ -250,8 +245,13 @@ def main(argv=None):
                                              for c in cols) + " |")
     if quality:
         print("quality vs fp32 eager:", json.dumps(quality))
-    save()
+    write_json(args.json, env, results, quality)
     return results
+
+
+def write_json(path, env, results, quality):
+    with open(path, "w") as f:
+        json.dump(dict(env=env, results=results, quality=quality), f, indent=1)
 
 
 def quality_check(args, device):
