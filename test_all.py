@@ -326,6 +326,12 @@ def test_training_times_cover_each_objectives_interval():
         assert lo <= t.min() < lo + 1e-3 and hi - 1e-3 < t.max() <= hi, tr.path_type
 
 
+def test_every_epoch_has_its_own_data_order():
+    a, b = train.epoch_order(1437, 0, 0), train.epoch_order(1437, 0, 1)
+    assert sorted(a.tolist()) == list(range(1437)) and not torch.equal(a, b)
+    assert torch.equal(a, train.epoch_order(1437, 0, 0)) and not torch.equal(a, train.epoch_order(1437, 1, 0))
+
+
 def test_frechet_distance_formula():
     # ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)): 0 for equal sets, ||c||^2 for a shift, ||mu||^2 + Tr(S) for f vs 2f
     import quality
@@ -335,6 +341,15 @@ def test_frechet_distance_formula():
     assert quality.frechet_distance(f, f + np.arange(6)) == pytest.approx(55.0, abs=1e-8)
     mu = f.mean(0)
     assert quality.frechet_distance(f, 2 * f) == pytest.approx(mu @ mu + np.trace(s), rel=1e-8)
+
+
+def test_cosine_schedule_is_iddpm_eq_17():
+    # abar_t = f(t) / f(0), f(t) = cos((t / T + s) / (1 + s) * pi / 2)^2, s = 0.008; betas clipped at 0.999
+    betas = ddpm.make_betas("cosine")
+    f = lambda t: np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2
+    abar = np.cumprod(1 - betas)
+    np.testing.assert_allclose(abar[:990], f(np.arange(1, 991)) / f(0), rtol=1e-10)
+    assert betas.max() == betas[-1] == 0.999
 
 
 def test_update_ema_is_the_exponential_moving_average():

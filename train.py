@@ -586,7 +586,7 @@ def main(argv=None):
         # shares (t, noise, flips), so each rank's slice is what one process would see: resume and DDP agree.
         epoch, b = divmod(step, steps_per_epoch)
         if epoch != perm_epoch:   # one permutation per epoch (of 1.28M ImageNet indices: ~20 ms of host time on our CPU)
-            perm_epoch, perm = epoch, torch.randperm(N, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+            perm_epoch, perm = epoch, epoch_order(N, args.seed, epoch)
         idx = perm[b * args.batch_size:(b + 1) * args.batch_size][rank * local_bs:(rank + 1) * local_bs]
         t = draw_time(objective, args.batch_size, data_gen, device)[rank * local_bs:(rank + 1) * local_bs]
         noise = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[rank * local_bs:(rank + 1) * local_bs]
@@ -670,6 +670,11 @@ def main(argv=None):
     if ddp:
         dist.destroy_process_group()
     return run_dir
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch, a function of (seed, epoch) alone: resume and every DDP rank agree on it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def draw_time(objective, n, gen, device):
