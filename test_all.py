@@ -855,37 +855,6 @@ def test_sit_intervals_and_eps_fixes():
     assert sit.Transport(sample_eps=0.005).sample_eps == 0.005                  # official: silently 0
 
 
-def exact_gaussian_velocity(mu=2.0, sd=0.5):
-    """E[u_t | x_t] for data N(mu, sd^2) on the Linear path: the exact velocity field."""
-    class Exact(torch.nn.Module):
-        num_classes = 1
-
-        def forward(self, x, t, y):
-            te = t.view(-1, 1, 1, 1)
-            return mu + (te * sd ** 2 - (1 - te)) / ((1 - te) ** 2 + (te * sd) ** 2) * (x - te * mu)
-    return Exact()
-
-
-def test_sit_samplers_reach_the_data_distribution():
-    tr = sit.Transport()
-    z = torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
-    y = torch.zeros(4000, dtype=torch.long)
-    exact = 2.0 + 0.5 * z                            # the ODE flow of this Gaussian maps z to mu + sd z
-    for kw, tol in [(dict(method="ode", solver="dopri5", rtol=1e-6, atol=1e-8), 1e-4),
-                    (dict(method="ode", solver="heun", num_steps=100), 1e-3),
-                    (dict(method="ode", solver="euler", num_steps=400), 5e-2)]:
-        x = tr.sample(exact_gaussian_velocity(), z, y, **kw)
-        assert (x - exact).abs().max() < tol, kw
-    torch.manual_seed(0)
-    for form in ("sigma", "SBDM", "linear", "decreasing", "increasing-decreasing", "constant"):
-        x = tr.sample(exact_gaussian_velocity(), z, y, method="sde", solver="euler", num_steps=200, diffusion_form=form)
-        assert torch.isfinite(x).all(), form     # SBDM would be NaN from t0 = 0 (the official behaviour)
-        if form != "constant":                   # constant D = 1 injects noise right up to t = 0.96 by design
-            assert abs(x.mean() - 2.0) < 0.05 and abs(x.std() - 0.5) < 0.05, form
-    x = tr.sample(exact_gaussian_velocity(), z, y, method="sde", solver="heun", num_steps=100, last_step="Tweedie")
-    assert abs(x.mean() - 2.0) < 0.05 and abs(x.std() - 0.5) < 0.05
-
-
 def exact_gaussian_model(tr, prediction, mu=2.0, sd=0.5):
     """The exact model of data N(mu, sd^2) on the path of Transport tr: with x_t = alpha x1 + sigma x0,
     Var[x_t] = alpha^2 sd^2 + sigma^2; score -(x - alpha mu) / Var; noise E[x0 | x_t] = -sigma * score;
@@ -900,6 +869,26 @@ def exact_gaussian_model(tr, prediction, mu=2.0, sd=0.5):
                    "score": -r / var, "noise": sigma * r / var}[prediction]
             return out.float()
     return Exact()
+
+
+def test_sit_samplers_reach_the_data_distribution():
+    tr = sit.Transport()
+    z = torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4000, dtype=torch.long)
+    exact = 2.0 + 0.5 * z                            # the ODE flow of this Gaussian maps z to mu + sd z
+    for kw, tol in [(dict(method="ode", solver="dopri5", rtol=1e-6, atol=1e-8), 1e-4),
+                    (dict(method="ode", solver="heun", num_steps=100), 1e-3),
+                    (dict(method="ode", solver="euler", num_steps=400), 5e-2)]:
+        x = tr.sample(exact_gaussian_model(tr, "velocity"), z, y, **kw)
+        assert (x - exact).abs().max() < tol, kw
+    torch.manual_seed(0)
+    for form in ("sigma", "SBDM", "linear", "decreasing", "increasing-decreasing", "constant"):
+        x = tr.sample(exact_gaussian_model(tr, "velocity"), z, y, method="sde", solver="euler", num_steps=200, diffusion_form=form)
+        assert torch.isfinite(x).all(), form     # SBDM would be NaN from t0 = 0 (the official behaviour)
+        if form != "constant":                   # constant D = 1 injects noise right up to t = 0.96 by design
+            assert abs(x.mean() - 2.0) < 0.05 and abs(x.std() - 0.5) < 0.05, form
+    x = tr.sample(exact_gaussian_model(tr, "velocity"), z, y, method="sde", solver="heun", num_steps=100, last_step="Tweedie")
+    assert abs(x.mean() - 2.0) < 0.05 and abs(x.std() - 0.5) < 0.05
 
 
 @pytest.mark.parametrize("path", ["Linear", "GVP", "VP"])
