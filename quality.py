@@ -3,6 +3,7 @@ Sample quality on the embedded 8x8 digits: does a trained model generate the dig
 
     python quality.py --samples s.npz          # judge samples written by sample.py (labels inside the npz)
     python quality.py --all                    # train every backbone x objective, sample, judge, print the table
+                                               # (train.py's digits budget: 2000 steps, U-ViT 4000)
     python quality.py --run RUN_DIR --samplers ddpm:250 ddim:50   # one trained run, several samplers
 
 Two numbers, both from a small CNN trained ONLY on the real training digits (its held-out accuracy is
@@ -116,12 +117,13 @@ def evaluate_all(args):
         family, _, size = variant.partition(":")
         for objective in args.objectives:
             t0 = time.time()
-            run = train.main(["--model", family, "--objective", objective, "--steps", str(args.steps), "--seed", str(args.seed),
+            run = train.main(["--model", family, "--objective", objective, "--seed", str(args.seed),
                               "--results-dir", args.results_dir, "--no-progress", "--sample-every", "0"]
-                             + (["--size", size] if size else []) + shlex.split(args.train_args))
+                             + (["--steps", str(args.steps)] if args.steps else []) + (["--size", size] if size else [])
+                             + shlex.split(args.train_args))
             train_s = time.time() - t0
-            row = dict(model=size or train.FAMILIES[family][2], objective=objective, train_args=args.train_args, steps=args.steps,
-                       train_s=round(train_s, 1))
+            row = dict(model=size or train.FAMILIES[family][2], objective=objective, train_args=args.train_args,
+                       steps=train.load_checkpoint(run)["step"], train_s=round(train_s, 1))
             for w in args.cfg_scales:
                 r = evaluate_run(net, run, w, steps=args.sample_steps, seed=args.seed)
                 row[f"acc_cfg{w}"], row[f"fd_cfg{w}"] = round(r["accuracy"], 3), round(r["fd"], 2)
@@ -176,7 +178,8 @@ def main(argv=None):
                    help="FAMILY or FAMILY:SIZE for --all (default: every family's Tiny config + image-space DiffiT)")
     p.add_argument("--sample-steps", type=int, default=250, help="steps of each objective's default sampler (default: 250)")
     p.add_argument("--objectives", nargs="+", default=list(train.OBJECTIVES), help="objectives for --all (default: all)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps per pair for --all (default: 2000)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per pair for --all (default: train.py's "
+                   "digits default, 2000; 4000 for U-ViT)")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to judge (default: 1 3)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every pair of --all, one quoted string, "
                    "e.g. --train-args='--lr 3e-4' (default: none)")

@@ -271,6 +271,11 @@ def test_official_recipe_by_family():
     assert opt("official", "--model", "diffit") == (3e-4, 0.0, (0.9, 0.999), 0, 0.0, 256)
     assert opt("official", "--model", "unet_vit", "--lr", "1e-4", "--betas", "0.9", "0.95")[:3] == (1e-4, 0.03, (0.9, 0.95))
     assert opt("digits", "--model", "unet_vit") == opt("digits", "--model", "dit")
+    # on the digits U-ViT trains twice the steps (README, "Does every pair learn?"); --steps wins
+    steps = lambda *a: train.resolve_args(train.get_parser().parse_args(list(a)), "digits").steps
+    assert steps() == steps("--model", "mdt") == 2000 and steps("--model", "unet_vit") == 4000
+    assert steps("--model", "unet_vit", "--steps", "7") == 7
+    assert train.resolve_args(train.get_parser().parse_args(["--model", "unet_vit"]), "official").steps == 500_000
 
 
 def test_compiled_training_with_memory_budget_matches_eager(tmp_path, monkeypatch):
