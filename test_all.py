@@ -1645,6 +1645,18 @@ def test_quality_sampler_table_cli(tmp_path, digit_judge, monkeypatch):
             quality.main(bad)
 
 
+
+def test_quality_all_cli(tmp_path, digit_judge, monkeypatch):
+    """quality.py --all: one row per backbone x objective with the steps its run took and the judged numbers."""
+    import quality
+    monkeypatch.setattr(quality, "train_classifier", lambda seed: (digit_judge, 1.0))
+    rows = quality.main(["--all", "--models", "unet_vit", "dit:DiT-Tiny/2", "--objectives", "sit", "--steps", "2",
+                         "--cfg-scales", "1", "2", "--sample-steps", "2", "--results-dir", str(tmp_path),
+                         "--json", str(tmp_path / "q.json")])
+    assert [(r["model"], r["objective"], r["steps"]) for r in rows] == [("U-ViT-Tiny/2", "sit", 2), ("DiT-Tiny/2", "sit", 2)]
+    assert json.load(open(tmp_path / "q.json"))["rows"] == rows
+    assert all(0 <= r["acc_cfg2.0"] <= 1 and r["fd_cfg1.0"] > 0 and r["fd_floor"] > 0 for r in rows)
+
 def torchrun(script, *args, timeout=300):
     import socket
     with socket.socket() as s:
