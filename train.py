@@ -116,7 +116,8 @@ def get_parser():
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: 8 for digits, 32 for folders)")
     p.add_argument("--results-dir", default="runs", help="parent folder of run directories (default: runs)")
     p.add_argument("--resume", default=None, help="checkpoint file or run directory to continue from (uses its last.pt)")
-    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: 2000 digits, 4000 for U-ViT there; 400000 official)")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: 2000 on the digits, 4000 for U-ViT there; "
+                   "on other data the family's own: 400000, 500000 U-ViT)")
     p.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch size over all processes (default: 128 digits, 256 official)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant after the warm-up (default: 1e-3 "
                    "digits; on other data the family's own: 1e-4 DiT, 2e-4 U-ViT, 3e-4 MDT and DiffiT)")
