@@ -139,7 +139,8 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
     p.add_argument("--log-every", type=int, default=None, help="log every N steps (default: 100)")
     p.add_argument("--sample-every", type=int, default=None, help="write an EMA sample grid every N steps, 0 = never (default: 500 digits)")
-    p.add_argument("--ckpt-every", type=int, default=None, help="keep a periodic checkpoint every N steps (default: 1000 digits, 50000)")
+    p.add_argument("--ckpt-every", type=int, default=None, help="keep a periodic checkpoint every N steps, 0 = only last.pt at the end "
+                   "(default: 1000 digits, 50000)")
     p.add_argument("--skip-nonfinite", action="store_true", help="skip steps whose loss is NaN/inf (counted) instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     add_sampling_args(p)
@@ -629,7 +630,8 @@ def main(argv=None):
         step += 1
         bar.update(1)
 
-        is_ckpt = step % args.ckpt_every == 0 or step == args.steps
+        periodic = args.ckpt_every > 0 and step % args.ckpt_every == 0
+        is_ckpt = periodic or step == args.steps
         if step % args.log_every == 0 or is_ckpt:
             if ddp:
                 dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
@@ -666,7 +668,7 @@ def main(argv=None):
                          rng=dict(data=data_gen.get_state(), torch=gather_rng(ddp, world, device)))
             if rank == 0:
                 save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
-                if step % args.ckpt_every == 0:
+                if periodic:
                     save_atomic(state, os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
             if ddp:
                 dist.barrier()
