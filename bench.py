@@ -214,6 +214,12 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not 0 < args.memory_budget <= 1:
         raise UserError(f"--memory-budget must be in (0, 1], got {args.memory_budget}")
+    for name in ("batch_size", "input_size", "in_channels", "num_classes", "steps", "repeats", "sample_batch",
+                 "sample_steps_scale"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
     if args.tiny:
         args.batch_size = min(args.batch_size, 16)
     torch.backends.cuda.matmul.allow_tf32 = True

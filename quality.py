@@ -119,7 +119,7 @@ def evaluate_all(args):
             t0 = time.time()
             run = train.main(["--model", family, "--objective", objective, "--seed", str(args.seed),
                               "--results-dir", args.results_dir, "--no-progress", "--sample-every", "0"]
-                             + (["--steps", str(args.steps)] if args.steps else []) + (["--size", size] if size else [])
+                             + (["--steps", str(args.steps)] if args.steps is not None else []) + (["--size", size] if size else [])
                              + shlex.split(args.train_args))
             train_s = time.time() - t0
             row = dict(model=size or train.FAMILIES[family][2], objective=objective, train_args=args.train_args,
@@ -188,6 +188,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the classifier (default: 0)")
     args = p.parse_args(argv)
     if args.all:
+        if args.steps is not None and args.steps <= 0:
+            raise train.UserError(f"--steps must be positive, got {args.steps}")
         return evaluate_all(args)
     if args.run:
         if not args.samplers:

@@ -640,6 +640,8 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
     (["--memory-budget", "0.5"], "add --compile"),
     (["--memory-budget", "0", "--compile"], "--memory-budget must be in"),
+    (["--image-size", "0", "--data", "/nonexistent/folder"], "--image-size must be positive"),
+    (["--image-size", "16"], "resizes an image folder"),
 ])
 def test_train_user_errors(tmp_path, argv, match):
     with pytest.raises(train.UserError, match=match):
@@ -655,6 +657,15 @@ def make_image_folder(root, size=12, n=6):
             Image.fromarray(rng.integers(0, 255, (size + 4, size, 3), dtype=np.uint8)).save(root / "imgs" / c / f"{i}.png")
     (root / "imgs" / "cat" / "broken.png").write_bytes(b"not an image")
     return root / "imgs"
+
+
+def test_image_size_is_refused_for_latents(tmp_path):
+    # latents keep the size they were extracted at: --image-size there is a mistake, not a silent no-op
+    (tmp_path / "lat").mkdir()
+    (tmp_path / "lat" / "meta.json").write_text("{}")
+    with pytest.raises(train.UserError, match="resizes an image folder"):
+        train.main(QUICK + ["--results-dir", str(tmp_path), "--data", str(tmp_path / "lat"), "--image-size", "256"])
+    assert os.listdir(tmp_path) == ["lat"]                                         # no run directory was made
 
 
 def test_input_size_not_divisible_by_patch(tmp_path):
@@ -1356,6 +1367,10 @@ def test_bench_json_keeps_the_modes_measured_before_a_run_is_cut_short(tmp_path,
     assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["fp32"]
     with pytest.raises(train.UserError, match="unknown mode"):   # a bad mode is refused before anything is timed
         bench.main(["--tiny", "--device", "cpu", "--modes", "fp32", "fp16", "--json", str(tmp_path / "c.json")])
+    for bad, match in ((["--batch-size", "0"], "--batch-size must be positive"), (["--repeats", "0"], "--repeats must"),
+                       (["--steps", "-1"], "--steps must"), (["--warmup", "-1"], "--warmup must be >= 0")):
+        with pytest.raises(train.UserError, match=match):
+            bench.main(["--tiny", "--device", "cpu", "--json", str(tmp_path / "c.json")] + bad)
     assert not (tmp_path / "c.json").exists()
 
 
@@ -1650,7 +1665,8 @@ def test_quality_sampler_table_cli(tmp_path, digit_judge, monkeypatch):
                 ["--run", str(tmp_path / "nope"), "--samplers", "ddim:5"], ["--run", run]):
         with pytest.raises(train.UserError):
             quality.main(bad)
-
+    with pytest.raises(train.UserError, match="--steps must be positive"):
+        quality.main(["--all", "--steps", "0"])
 
 
 def test_quality_all_cli(tmp_path, digit_judge, monkeypatch):

@@ -369,6 +369,11 @@ def load_image_folder(root, size, channels=None):
 
 def load_data(args):
     """-> dict(x, y, num_classes, input_size, in_channels, kind). x may be a memory-mapped array (latents)."""
+    if args.image_size is not None and args.image_size <= 0:
+        raise UserError(f"--image-size must be positive, got {args.image_size}")
+    if args.image_size is not None and (args.data == "digits" or os.path.isfile(os.path.join(args.data, "meta.json"))):
+        raise UserError("--image-size resizes an image folder; the digits are 8x8 and latents keep the size they "
+                        "were extracted at (extract_latents.py --image-size)")
     if args.data == "digits":
         x, y = load_digits("train")
         return dict(x=x, y=y, num_classes=10, kind="digits", shape=(1, 8))
