@@ -189,6 +189,8 @@ def decode_latents(z, vae_id, device):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    if args.out and os.path.splitext(args.out)[1].lower() not in (".npz", ".png", ".jpg", ".jpeg"):
+        raise UserError(f"--out {args.out}: give a .npz (samples for FID) or a .png/.jpg (a grid)")
     model, objective, obj_name, kind, cfg = load_for_sampling(args)
     args.vae = args.vae or "stabilityai/sd-vae-ft-ema"
     if cfg.get("official"):
@@ -208,7 +210,8 @@ def main(argv=None):
     n_cls, C, H = cfg["num_classes"], cfg["in_channels"], cfg["input_size"]
     out = args.out or "grid.png"
     npz = out.endswith(".npz")
-    n = args.num_samples or (len(args.class_labels) if args.class_labels else min(4 * n_cls, 40))
+    n = args.num_samples if args.num_samples is not None else (len(args.class_labels) if args.class_labels
+                                                                else min(4 * n_cls, 40))
     if n <= 0:
         raise UserError("--num-samples must be positive")
     if args.class_labels:

@@ -704,6 +704,12 @@ def test_sample_rejects_bad_labels_and_foreign_weights(tmp_path):
     run = train.main(QUICK + ["--results-dir", str(tmp_path), "--steps", "1"])
     with pytest.raises(train.UserError, match="outside"):
         sample.main(["--ckpt", run, "--class-labels", "3", "12", "--out", str(tmp_path / "g.png")])
+    for bad, match in ((["--num-samples", "0"], "--num-samples must be positive"), (["--out", "s.txt"], "give a .npz"),
+                       (["--guidance-interval", "0.5", "0.2"], "0 <= LO <= HI <= 1"),
+                       (["--cfg-channels", "0"], "--cfg-channels must be positive")):
+        with pytest.raises(train.UserError, match=match):
+            sample.main(["--ckpt", run, "--sample-steps", "1"] + bad)
+    assert not os.path.exists("s.txt")
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(train.UserError, match="not a checkpoint of this library"):
         sample.main(["--ckpt", str(tmp_path / "foreign.pt")])

@@ -188,6 +188,11 @@ def resolve_args(args, preset):
         raise UserError(f"--ema must be in [0, 1), got {args.ema}")
     if not 0 <= args.class_dropout < 1:
         raise UserError(f"--class-dropout must be in [0, 1), got {args.class_dropout}")
+    gi = getattr(args, "guidance_interval", None)
+    if gi is not None and not 0 <= gi[0] <= gi[1] <= 1:
+        raise UserError(f"--guidance-interval LO HI needs 0 <= LO <= HI <= 1, got {gi[0]} {gi[1]}")
+    if getattr(args, "cfg_channels", None) is not None and args.cfg_channels <= 0:
+        raise UserError(f"--cfg-channels must be positive (leave it out to guide every channel), got {args.cfg_channels}")
     if args.cfg_scale != 1 and args.class_dropout == 0:
         raise UserError("guidance (--cfg-scale != 1) needs a model trained with label dropout; "
                         "set --cfg-scale 1 or --class-dropout > 0")
