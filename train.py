@@ -113,7 +113,7 @@ def get_parser():
     add_model_args(p)
     p.add_argument("--data", default="digits", help="'digits' (embedded 8x8 digits, default), a folder of class "
                    "subfolders of images, or a latent folder made by extract_latents.py")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: 8 for digits, 32 for folders)")
+    p.add_argument("--image-size", type=int, default=None, help="image folders: resize the images to this size (default: 32)")
     p.add_argument("--results-dir", default="runs", help="parent folder of run directories (default: runs)")
     p.add_argument("--resume", default=None, help="checkpoint file or run directory to continue from (uses its last.pt)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: 2000 on the digits, 4000 for U-ViT there; "
