@@ -792,12 +792,13 @@ def test_cli_fuzz_never_raises_anything_but_user_errors(tmp_path):
         "--size": ["DiT-Tiny/2", "DiT-S/8", "nope"], "--sampler": ["ddpm", "ddim", "dpm++", "ode-heun", "bad"],
         "--sample-steps": ["3", "0", "-1"], "--cfg-scale": ["1", "1.5", "4"], "--class-dropout": ["0", "0.1", "1.5"],
         "--batch-size": ["4", "0", "3000"], "--lr": ["1e-3", "0", "-1"], "--ema": ["0.9", "1.0"],
-        "--cfg-channels": ["1", "3"], "--scale-pow": ["4"], "--guidance-interval": ["0 0.7"],
+        "--cfg-channels": ["1", "3", "0"], "--scale-pow": ["4"], "--guidance-interval": ["0 0.7", "0.7 0.2"],
+        "--ckpt-every": ["1", "0"], "--log-every": ["1", "0"], "--image-size": ["8", "0"],
         "--beta-schedule": ["linear", "cosine", "quadratic"], "--path-type": ["Linear", "GVP", "VP", "X"],
         "--prediction": ["velocity", "score", "noise", "x"], "--mask-ratio": ["0.3", "0", "1.2"],
     }
     keys = list(choices)
-    for i in range(24):
+    for i in range(60):
         argv = QUICK + ["--steps", "1", "--results-dir", str(tmp_path / str(i)), "--sample-every", "1"]
         for k in rng.choice(keys, size=4, replace=False):
             argv += [k, *str(rng.choice(choices[k])).split()]
