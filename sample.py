@@ -189,7 +189,8 @@ def decode_latents(z, vae_id, device):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    if args.out and os.path.splitext(args.out)[1].lower() not in (".npz", ".png", ".jpg", ".jpeg"):
+    ext = os.path.splitext(args.out or "grid.png")[1]
+    if ext != ".npz" and ext.lower() not in (".png", ".jpg", ".jpeg"):      # ".npz" exactly, as the rest of main()
         raise UserError(f"--out {args.out}: give a .npz (samples for FID) or a .png/.jpg (a grid)")
     model, objective, obj_name, kind, cfg = load_for_sampling(args)
     args.vae = args.vae or "stabilityai/sd-vae-ft-ema"
