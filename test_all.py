@@ -296,6 +296,29 @@ def test_compiled_training_with_memory_budget_matches_eager(tmp_path, monkeypatc
     np.testing.assert_allclose([float(v) for v in last_losses(run)], [float(v) for v in eager], atol=2e-4)
 
 
+def test_compile_on_a_machine_without_a_compiler_is_a_one_line_error(tmp_path, monkeypatch):
+    # where inductor cannot build its C++ kernels, --compile used to fail inside the first loss.backward() with a
+    # compiler traceback; now a one-line error before any file is written. --no-compile undoes a saved --compile.
+    import sample
+    import torch._dynamo
+    import torch._inductor.config as iconf
+    assert train.get_parser().parse_args([]).compile is False
+    assert train.get_parser().parse_args(["--compile", "--no-compile"]).compile is False
+    run = train.main(QUICK + ["--steps", "1", "--results-dir", str(tmp_path / "ok")])
+    monkeypatch.setattr(iconf.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
+    monkeypatch.setattr(iconf, "fx_graph_cache", False)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(train.UserError, match=r"^--compile: torch.compile cannot build kernels on this machine "
+                                                  r"\(.*No working C\+\+ compiler.*run with --no-compile$"):
+            train.main(QUICK + ["--steps", "1", "--results-dir", str(tmp_path / "r"), "--compile"])
+        with pytest.raises(train.UserError, match="sample without --compile$"):
+            sample.main(["--ckpt", run, "--out", str(tmp_path / "g.png"), "--sample-steps", "2", "--compile"])
+    finally:
+        torch._dynamo.reset()
+    assert not os.path.exists(tmp_path / "r")
+
+
 def test_training_inputs_are_scaled_as_the_papers_train_on(tmp_path):
     # digits: 0..16 -> [-1, 1], a fixed 1,437 / 360 split
     x, y = train.load_digits("train")

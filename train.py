@@ -131,7 +131,9 @@ def get_parser():
     p.add_argument("--ema", type=float, default=None, help="EMA decay (default: 0.995 digits, 0.9999 official)")
     p.add_argument("--mask-ratio", type=float, default=0.3, help="masking backbones (mdt): mask ratio, 0 = no masked pass (default: 0.3)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (TF32 matmuls on GPU) or bf16 autocast (default: fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model; the first step compiles (default: off; --no-compile turns it off "
+                   "when resuming a compiled run)")
     p.add_argument("--memory-budget", type=float, default=None, help="with --compile: the activation memory kept for "
                    "backward, between 0 (recompute all it can) and 1 (keep what runs fastest, the default); torch's "
                    "activation_memory_budget: the compiler recomputes the cheapest ops first; same math")
@@ -433,6 +435,20 @@ def update_ema(ema, model, decay):
         b_ema.copy_(b)
 
 
+def compiler_works(device):
+    """Can torch.compile build kernels here? A CPU run needs a C++ compiler, a GPU run triton. One tiny function,
+    forward and backward (the backward compiles lazily, inside loss.backward()); cached after the first time."""
+    def tiny(a):
+        return (a * 2).sin().sum()
+    try:
+        with torch.enable_grad():
+            a = torch.ones(3, device=device, requires_grad=True)
+            torch.compile(tiny)(a).backward()
+        return True, ""
+    except Exception as e:   # InvalidCxxCompiler, a missing triton, ...: the message names the cause
+        return False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
 def bf16_weights(model):
     """bf16 inference: store the Linear/Conv weights in bf16. Under bf16 autocast these layers cast their weights
     to bf16 on every call anyway (a compiled graph re-does that cast each call), so the outputs are bit-identical
@@ -564,6 +580,10 @@ def main(argv=None):
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=unused) if ddp else model
     if args.compile:
+        ok, why = compiler_works(device)   # else the first loss.backward() fails, deep inside the compiler
+        if not ok:
+            raise UserError(f"--compile: torch.compile cannot build kernels on this machine ({why}); "
+                            "run with --no-compile")
         if args.memory_budget is not None:   # the compiler's min-cut partitioner picks what to recompute
             import torch._functorch.config as functorch_config
             functorch_config.activation_memory_budget = args.memory_budget
@@ -583,6 +603,7 @@ def main(argv=None):
         n_params = sum(p.numel() for p in model.parameters())
         print(f"run {run_dir}: {size} ({n_params:,} parameters) + {args.objective} on {args.data} "
               f"({N} examples, {C}x{H}x{H}), {world} process(es) on {device.type}, {args.precision}"
+              + (", compiled" if args.compile else "")
               + (f", resumed at step {step}" if resume else ""))
         if masked:
             print(f"masked pass on: mask ratio {args.mask_ratio} (logged as loss_masked)")
