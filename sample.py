@@ -208,10 +208,7 @@ def main(argv=None):
     if args.precision == "bf16":
         train.bf16_weights(model)                              # same outputs as autocast alone, less traffic
     if args.compile:
-        ok, why = train.compiler_works(device)
-        if not ok:
-            raise UserError(f"--compile: torch.compile cannot build kernels on this machine ({why}); "
-                            "sample without --compile")
+        train.require_compiler(device, "sample without --compile")
     net = torch.compile(model) if args.compile else model     # the graph is reused by every step of every chunk
     n_cls, C, H = cfg["num_classes"], cfg["in_channels"], cfg["input_size"]
     out = args.out or "grid.png"

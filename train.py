@@ -435,18 +435,20 @@ def update_ema(ema, model, decay):
         b_ema.copy_(b)
 
 
-def compiler_works(device):
-    """Can torch.compile build kernels here? A CPU run needs a C++ compiler, a GPU run triton. One tiny function,
-    forward and backward (the backward compiles lazily, inside loss.backward()); cached after the first time."""
+def require_compiler(device, hint):
+    """--compile: a one-line UserError (ending in `hint`) where torch.compile cannot build kernels, a CPU run needing a
+    C++ compiler and a GPU run triton. Otherwise the first loss.backward() fails deep inside the compiler (the
+    backward compiles lazily), so the probe is a tiny function, forward and backward; cached after the first time."""
     def tiny(a):
         return (a * 2).sin().sum()
     try:
         with torch.enable_grad():
             a = torch.ones(3, device=device, requires_grad=True)
             torch.compile(tiny)(a).backward()
-        return True, ""
     except Exception as e:   # InvalidCxxCompiler, a missing triton, ...: the message names the cause
-        return False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"--compile: torch.compile cannot build kernels on this machine ({type(e).__name__}: {why}); "
+                        f"{hint}") from None
 
 
 def bf16_weights(model):
@@ -580,10 +582,7 @@ def main(argv=None):
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=unused) if ddp else model
     if args.compile:
-        ok, why = compiler_works(device)   # else the first loss.backward() fails, deep inside the compiler
-        if not ok:
-            raise UserError(f"--compile: torch.compile cannot build kernels on this machine ({why}); "
-                            "run with --no-compile")
+        require_compiler(device, "run with --no-compile")
         if args.memory_budget is not None:   # the compiler's min-cut partitioner picks what to recompute
             import torch._functorch.config as functorch_config
             functorch_config.activation_memory_budget = args.memory_budget
