@@ -189,14 +189,15 @@ def decode_latents(z, vae_id, device):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    ext = os.path.splitext(args.out or "grid.png")[1]
-    if ext != ".npz" and ext.lower() not in (".png", ".jpg", ".jpeg"):      # ".npz" exactly, as the rest of main()
+    out = args.out or "grid.png"
+    ext = os.path.splitext(out)[1]
+    npz = ext == ".npz"                                                      # exactly: x.NPZ is no npz
+    if not npz and ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--out {args.out}: give a .npz (samples for FID) or a .png/.jpg (a grid)")
     model, objective, obj_name, kind, cfg = load_for_sampling(args)
     args.vae = args.vae or "stabilityai/sd-vae-ft-ema"
     if cfg.get("official"):
-        apply_paper_settings(args, cfg["paper_settings"], sys.argv[1:] if argv is None else argv,
-                             (args.out or "").endswith(".npz"))
+        apply_paper_settings(args, cfg["paper_settings"], sys.argv[1:] if argv is None else argv, npz)
     args.class_dropout, args.model, args.objective = cfg["class_dropout_prob"], cfg["family"], obj_name
     args = train.resolve_args(args, "digits" if kind == "digits" else "official")
     if args.batch_size <= 0:
@@ -207,12 +208,11 @@ def main(argv=None):
     model.to(device)
     if args.precision == "bf16":
         train.bf16_weights(model)                              # same outputs as autocast alone, less traffic
-    if args.compile:
+    net = model
+    if args.compile:                                           # the graph is reused by every step of every chunk
         train.require_compiler(device, "sample without --compile")
-    net = torch.compile(model) if args.compile else model     # the graph is reused by every step of every chunk
+        net = torch.compile(model)
     n_cls, C, H = cfg["num_classes"], cfg["in_channels"], cfg["input_size"]
-    out = args.out or "grid.png"
-    npz = out.endswith(".npz")
     n = args.num_samples if args.num_samples is not None else (len(args.class_labels) if args.class_labels
                                                                 else min(4 * n_cls, 40))
     if n <= 0:

@@ -378,16 +378,19 @@ def load_data(args):
     """-> dict(x, y, num_classes, input_size, in_channels, kind). x may be a memory-mapped array (latents)."""
     if args.image_size is not None and args.image_size <= 0:
         raise UserError(f"--image-size must be positive, got {args.image_size}")
-    if args.image_size is not None and (args.data == "digits" or os.path.isfile(os.path.join(args.data, "meta.json"))):
-        raise UserError("--image-size resizes an image folder; the digits are 8x8 and latents keep the size they "
-                        "were extracted at (extract_latents.py --image-size)")
+    fixed_size = UserError("--image-size resizes an image folder; the digits are 8x8 and latents keep the size they "
+                           "were extracted at (extract_latents.py --image-size)")
     if args.data == "digits":
+        if args.image_size is not None:
+            raise fixed_size
         x, y = load_digits("train")
         return dict(x=x, y=y, num_classes=10, kind="digits", shape=(1, 8))
     if not os.path.isdir(args.data):
         raise UserError(f"--data {args.data}: no such folder (use 'digits', an image folder or a latent folder)")
     meta_path = os.path.join(args.data, "meta.json")
     if os.path.isfile(meta_path):  # latents written by extract_latents.py
+        if args.image_size is not None:
+            raise fixed_size
         meta = json.load(open(meta_path))
         if meta.get("format") != "moments-v1":
             raise UserError(f"--data {args.data}: unknown latent format {meta.get('format')!r} (re-run extract_latents.py)")
