@@ -149,7 +149,7 @@ def bench_mode(args, mode, device):
 
     if "train" in args.what:
         ema = train.copy.deepcopy(model).requires_grad_(False)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
+        opt = train.adamw(model.parameters(), device, lr=1e-4, weight_decay=0)
         model.train()
 
         def step_loss():

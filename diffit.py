@@ -31,6 +31,7 @@ Letters: N batch, C channels, H/W size, p patch, L tokens, D width, w window sid
 
 Deviations from the official latent code (keys and outputs equal; checked locally against it):
     - SDPA instead of the written-out softmax; out_channels is an argument (official: learn_sigma).
+    - PatchEmbed returns contiguous tokens instead of a transposed view that every LayerNorm copies (same values).
     - No forward_with_cfg: the power-cosine guidance (w = 4.4 at 256px, scale_pow 4, 3 channels) and the
       constant 1.49 at 512px are the shared guidance flags of ddpm.py/sit.py.
 Choices for the image-space model (the paper leaves them open; fact-sheet recommendations, configurable):
@@ -197,7 +198,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)                     # (N, L, D)
+        # (N, D, h, w) -> (N, L, D), contiguous: a transposed view makes every LayerNorm copy it (same values)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class FinalLayer(nn.Module):

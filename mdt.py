@@ -36,6 +36,7 @@ Deviations from the official code (state-dict keys and outputs are the same; tes
       argument + enable_mask; one ratio per batch r = mask_ratio + 0.2 U[0, 1) as in v2. The mask token
       is always trainable (official: frozen when built for inference, which only matters for training).
     - Label dropout and the null label as in DiT; out_channels is an argument (official: learn_sigma).
+    - PatchEmbed returns contiguous tokens instead of a transposed view that every LayerNorm copies (same values).
     - MDT v1 (branch mdtv1) is the class MDT ('MDT-XL/2', decode_layer 2 as its released checkpoint);
       only its XL/2 size is registered (the paper's v1 results are for XL/2).
 """
@@ -89,7 +90,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # (N, D, h, w) -> (N, L, D), contiguous: a transposed view makes every LayerNorm copy it (same values)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
