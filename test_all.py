@@ -1115,7 +1115,7 @@ def test_label_dropout_of_every_backbone(family, size):
                                             ("diffit", "DiffiT-Tiny/2", {})])
 def test_transformer_blocks_get_contiguous_tokens(family, size, kw):
     # speed, not math: a transposed (N, T, D) view from patchify makes every LayerNorm copy its input in the
-    # forward and again in the backward (7% of a DiT-Tiny/2 CPU training step, README "Speed")
+    # forward and again in the backward (5% of a DiT-Tiny/2 CPU training step, README "Speed")
     m = build_tiny(family, size).train()
     seen = []
     for e in m.modules():
