@@ -607,12 +607,12 @@ def test_train_sample_npz_end_to_end(tmp_path):
     assert np.load(out3)["labels"].tolist() == [i % 10 for i in range(12)]
 
 
-
 def test_ckpt_every_zero_keeps_only_the_final_checkpoint(tmp_path):
     # --ckpt-every 0, like --sample-every 0, turns the periodic files off (it used to divide by zero)
     run = train.main(QUICK + ["--results-dir", str(tmp_path), "--ckpt-every", "0"])
     assert os.listdir(os.path.join(run, "checkpoints")) == ["last.pt"]
     assert torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["step"] == 6
+
 
 def test_sample_compile_and_bf16_weights_keep_the_samples(tmp_path, monkeypatch):
     # sample.py --compile goes through torch.compile (aot_eager here: the inductor numerics are tested per family
