@@ -81,13 +81,14 @@ def chain_constants(betas):
     abar = np.cumprod(alphas)
     abar_prev = np.append(1.0, abar[:-1])
     post_var = betas * (1.0 - abar_prev) / (1.0 - abar)                        # beta~_t, DDPM Eq. 7
+    v1 = post_var[1] if len(betas) > 1 else betas[0]                            # a 1-step chain has no beta~_1
     return dict(
         betas=betas, log_betas=np.log(betas), abar=abar, abar_prev=abar_prev,
         sqrt_abar=np.sqrt(abar), sqrt_1m_abar=np.sqrt(1.0 - abar),
         sqrt_recip_abar=np.sqrt(1.0 / abar), sqrt_recipm1_abar=np.sqrt(1.0 / abar - 1.0),
         post_var=post_var, snr=abar / (1.0 - abar),                            # SNR_t = abar / (1 - abar)
-        post_logvar_clipped=np.log(np.append(post_var[1], post_var[1:])),      # beta~_0 = 0: use beta~_1
-        logvar_large=np.log(np.append(post_var[1], betas[1:])),                 # sigma_t^2 = beta_t (ADM 'fixed large')
+        post_logvar_clipped=np.log(np.append(v1, post_var[1:])),               # beta~_0 = 0: use beta~_1
+        logvar_large=np.log(np.append(v1, betas[1:])),                          # sigma_t^2 = beta_t (ADM 'fixed large')
         post_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),                   # x_0 coefficient, Eq. 7
         post_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),          # x_t coefficient, Eq. 7
     )
@@ -247,6 +248,9 @@ class GaussianDiffusion:
         x_t = self.q_sample(x, t, noise)
         out = model(x_t, t + self.timestep_offset, y, **(model_kwargs or {}))
         C = x.shape[1]
+        if out.shape[1] < self.out_channels(C):
+            raise ValueError(f"the model gives {out.shape[1]} output channels; this objective needs "
+                             f"{self.out_channels(C)} (learn_sigma: eps and the variance for {C} channels)")
         mse = mean_flat((noise - out[:, :C].float()) ** 2)                     # L_simple, DDPM Eq. 14
         if self.mse_weight == "min_snr_5":                                    # MDTv2: min(SNR, 5) / SNR
             snr = self.gather(self.base, "snr", t, x).view(-1)
@@ -272,17 +276,18 @@ class GaussianDiffusion:
     # --- sampling -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, model, z, y, steps=250, sampler="ddpm", eta=0.0, cfg_scale=1.0, cfg_channels=None,
+    def sample(self, model, z, y, steps=None, sampler="ddpm", eta=0.0, cfg_scale=1.0, cfg_channels=None,
                scale_pow=None, guidance_interval=None, clip_denoised=False, model_kwargs=None, progress=False):
         """Draw samples starting from noise z (N, C, H, W) with labels y (N,).
         sampler: 'ddpm' (ancestral, iDDPM's learned variance; the DiT default with steps=250),
-                 'ddim' (eta = 0 deterministic; DDIM Eq. 12), 'dpm++' (DPM-Solver++(2M), ~20-50 steps)."""
+                 'ddim' (eta = 0 deterministic; DDIM Eq. 12), 'dpm++' (DPM-Solver++(2M), ~20-50 steps).
+        steps: model evaluations (default 250; 25 for dpm++); ddim also takes "ddimN" (an integer stride)."""
         if sampler == "dpm++":
-            return self.sample_dpmpp(model, z, y, steps, cfg_scale, cfg_channels, scale_pow, guidance_interval,
+            return self.sample_dpmpp(model, z, y, 25 if steps is None else steps, cfg_scale, cfg_channels, scale_pow, guidance_interval,
                                      model_kwargs, progress)
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r} (choose ddpm, ddim, dpm++)")
-        kept, c = self.respaced(steps)
+        kept, c = self.respaced(250 if steps is None else steps)
         x = z
         for i in tqdm(list(reversed(range(len(kept)))), disable=not progress, desc=sampler):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
@@ -307,6 +312,8 @@ class GaussianDiffusion:
         """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in data prediction on this discrete schedule:
         `steps` model evaluations at timesteps round(linspace(T-1, 0, steps)); the last update goes to
         sigma = 0 with a first-order step, so the result is the final x0 estimate."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"dpm++ steps must be in [1, {self.num_timesteps}], got {steps}")
         ts = np.round(np.linspace(self.num_timesteps - 1, 0, steps)).astype(np.int64)
         abar = self.base["abar"]
         alpha = lambda s: math.sqrt(abar[s])          # alpha_t, sigma_t of x_t = alpha_t x0 + sigma_t eps

@@ -29,17 +29,23 @@ plus classifier-free guidance shared by all samplers (same rules as ddpm.py).
 
 Deviations from the official code (the numbers of a sampler or loss are otherwise the same):
     - The eps margins: the official create_transport ignores a user train_eps/sample_eps for Linear/GVP
-      velocity models and takes sample_eps's default from the wrong condition (`train_eps is None`). Here
-      a given value is always used and each default is taken on its own.
+      velocity models and takes sample_eps's default from the wrong condition (`train_eps is None`). Here a
+      given value is always used (times in [eps, 1 - eps]; VP [0, 1 - eps]) and each default is taken on its
+      own, so the defaults give the official intervals. Linear/GVP score and noise models need eps > 0.
     - SDE with the 'SBDM' diffusion and a Linear/GVP velocity model: the official code starts at t0 = 0,
-      where g(t) is infinite, and returns NaN. Here the SDE starts at t0 = 1e-3 in that case (or sample_eps).
+      where g(t) is infinite, and returns NaN. Here the SDE starts at t0 = 1e-3 in that case (sample_eps = 0).
     - SDE Heun with last_step=None: the official corrector evaluates the score at t = 1 (sigma = 0) on the last
       step and returns NaN; here that one step is an Euler step.
     - The velocity model is called once per drift evaluation (the official SDE calls it twice: once for
       the drift, once for the score, with the same output).
     - dopri5 is written here (no torchdiffeq): Dormand-Prince 5(4) with the standard error control;
       agrees with torchdiffeq to the requested tolerance, not bitwise. `self.nfe` counts evaluations.
-    - SDE noise is drawn on the model's device (the official draws it on the CPU, then copies).
+    - SDE noise is drawn on the model's device (the official draws it on the CPU, then copies), and for the
+      batch itself: with guidance the official draws it for the doubled (cond + uncond) batch.
+    - loss() draws t before the noise (the official draws the noise first), so a seeded run is not the
+      official's sequence; with t and noise given, the loss is the official one.
+    - dopri5 stops with a FloatingPointError at the first non-finite model output (the official keeps
+      shrinking the step until it underflows).
     - Guidance on all channels by default; cfg_channels=3 reproduces the official quirk.
     - No likelihood evaluation (the official sample_ode_likelihood) yet.
 """
@@ -115,6 +121,9 @@ class Transport:
             d_train, d_sample = 0.0, 0.0
         self.train_eps = d_train if train_eps is None else train_eps
         self.sample_eps = d_sample if sample_eps is None else sample_eps
+        if path_type != "VP" and prediction != "velocity" and min(self.train_eps, self.sample_eps) <= 0:
+            raise ValueError(f"train_eps and sample_eps must be > 0 for a {path_type} {prediction} model: its score is "
+                             "singular at t = 1 (sigma = 0) and its drift dalpha / alpha at t = 0")
         self.nfe = 0   # model evaluations of the last sample() call
         # what the backbone is fed: time_scale * t, or time_scale * (1 - t) with time_reverse (U-ViT's continuous
         # VP checkpoints were trained with 999 * s, s = 1 - t the diffusion time); SiT itself: raw t
@@ -138,9 +147,9 @@ class Transport:
         s, smin, smax = 1 - t, self.SIGMA_MIN, self.SIGMA_MAX
         m = -0.25 * s ** 2 * (smax - smin) - 0.5 * s * smin        # log alpha_t
         dm = 0.5 * s * (smax - smin) + 0.5 * smin                  # d log alpha_t / dt = beta(1 - t) / 2
-        alpha = torch.exp(m)
-        sigma = torch.sqrt(1 - alpha ** 2)
-        return alpha, alpha * dm, sigma, -alpha ** 2 * dm / sigma
+        alpha, alpha2 = torch.exp(m), torch.exp(2 * m)             # exp(2m), not alpha^2: sigma near t = 1
+        sigma = torch.sqrt(1 - alpha2)                              # as the official code (alpha^2 was 2.4% low)
+        return alpha, alpha * dm, sigma, -alpha2 * dm / sigma
 
     def drift_coeffs(self, t):
         """(a, g) with the probability-flow drift of the forward SDE f = -a x: a = dalpha / alpha and
@@ -149,7 +158,7 @@ class Transport:
             beta = self.SIGMA_MIN + (1 - t) * (self.SIGMA_MAX - self.SIGMA_MIN)
             return beta / 2, beta / 2
         alpha, dalpha, sigma, dsigma = self.alpha_sigma(t)
-        a = dalpha / alpha
+        a = math.pi / (2 * torch.tan(math.pi / 2 * t)) if self.path_type == "GVP" else dalpha / alpha
         return a, a * sigma ** 2 - sigma * dsigma
 
     def diffusion(self, t, form, norm):
@@ -168,13 +177,10 @@ class Transport:
             return norm * torch.sin(math.pi * t) ** 2
         raise ValueError(f"unknown diffusion form {form!r}; choose one of {', '.join(self.DIFFUSION_FORMS)}")
 
-    def train_interval(self):
-        """[t0, t1] that training times are drawn from (official check_interval, training)."""
-        if self.path_type == "VP":
-            return 0.0, 1 - self.train_eps
-        if self.prediction != "velocity":
-            return self.train_eps, 1 - self.train_eps
-        return 0.0, 1.0
+    def interval(self, eps):
+        """[t0, t1] of training (eps = train_eps) and of the ODE (eps = sample_eps): VP [0, 1 - eps], else
+        [eps, 1 - eps]. With the default eps this is the official check_interval ([0, 1] for Linear/GVP velocity)."""
+        return (0.0, 1 - eps) if self.path_type == "VP" else (eps, 1 - eps)
 
     # --- training -----------------------------------------------------------------------------------
 
@@ -183,7 +189,7 @@ class Transport:
         the last two optionally weighted by (g / sigma)^2 ('velocity') or g / sigma^2 ('likelihood'), Tab. 3."""
         x1 = x
         if t is None:
-            t0, t1 = self.train_interval()
+            t0, t1 = self.interval(self.train_eps)
             t = torch.rand(x1.shape[0], device=x1.device) * (t1 - t0) + t0
         x0 = torch.randn_like(x1) if noise is None else noise
         te = expand(t.float(), x1)
@@ -206,13 +212,13 @@ class Transport:
         out = guided_model(model, x, self.model_t(tb), y, w, cfg_channels, model_kwargs)[:, :x.shape[1]].float()
         te = expand(tb, x)
         alpha, dalpha, sigma, dsigma = self.alpha_sigma(te)
-        a, g = self.drift_coeffs(te)
         if self.prediction == "velocity":
             v = out
             if not need_score:
                 return v, None
             r = alpha / dalpha                                          # score from velocity (official path.py)
             return v, (r * v - x) / (sigma ** 2 - r * dsigma * sigma)
+        a, g = self.drift_coeffs(te)
         score = out if self.prediction == "score" else -out / sigma    # noise model: s = -eps / sigma
         return a * x + g * score, score                                 # v = -f + g s
 
@@ -236,8 +242,7 @@ class Transport:
             return self.velocity_and_score(model, x, t, y, w, need_score=need_score, **guide)
 
         if method == "ode":
-            t0, t1 = (0.0, 1 - self.sample_eps) if self.path_type == "VP" else \
-                ((self.sample_eps, 1 - self.sample_eps) if self.prediction != "velocity" else (0.0, 1.0))
+            t0, t1 = self.interval(self.sample_eps)
             if solver == "dopri5":
                 return self.dopri5(lambda x, t: field(x, t)[0], z, t0, t1, atol, rtol)
             if solver not in ("euler", "heun"):
@@ -259,17 +264,19 @@ class Transport:
             raise ValueError(f"unknown SDE solver {solver!r} (euler, heun)")
         if last_step not in ("Mean", "Tweedie", "Euler", None):
             raise ValueError(f"unknown last_step {last_step!r} (Mean, Tweedie, Euler, None)")
+        if num_steps < 2:
+            raise ValueError(f"num_steps must be >= 2 for the SDE (the grid has num_steps points), got {num_steps}")
         size = last_step_size if last_step is not None else 0.0
-        t0 = 0.0
-        if self.path_type != "VP" and (self.prediction != "velocity" or diffusion_form == "SBDM"):
-            t0 = self.sample_eps if self.sample_eps > 0 else 1e-3          # SBDM: g(0) is infinite
+        t0 = self.interval(self.sample_eps)[0]
+        if t0 == 0 and self.path_type != "VP" and diffusion_form == "SBDM":
+            t0 = 1e-3                                              # SBDM's D(t) = g(t) is infinite at t = 0
         t1 = 1 - size if size > 0 else 1 - self.sample_eps
         ts = torch.linspace(t0, t1, num_steps)
         dt = (ts[1] - ts[0]).item()
 
         def sde_drift(x, t):                                        # v + D s (Eq. 4)
             v, s = field(x, t, need_score=True)
-            return v + self.diffusion(torch.tensor(t), diffusion_form, diffusion_norm).item() * s, v, s
+            return v + self.diffusion(torch.tensor(t), diffusion_form, diffusion_norm).item() * s
 
         x = z
         for i in tqdm(range(num_steps - 1), disable=not progress, desc=f"sde-{solver}"):
@@ -277,17 +284,17 @@ class Transport:
             D = self.diffusion(torch.tensor(t), diffusion_form, diffusion_norm).item()
             dw = torch.randn_like(x) * math.sqrt(dt)
             if solver == "euler":                                  # Euler-Maruyama
-                x = x + sde_drift(x, t)[0] * dt + math.sqrt(2 * D) * dw
+                x = x + sde_drift(x, t) * dt + math.sqrt(2 * D) * dw
             else:                                                  # stochastic Heun (official integrators.py)
                 xhat = x + math.sqrt(2 * D) * dw
-                k1 = sde_drift(xhat, t)[0]
+                k1 = sde_drift(xhat, t)
                 if i == num_steps - 2 and t1 >= 1.0:               # last_step=None ends at t = 1, where the score is
                     x = xhat + dt * k1                             # singular (sigma = 0): Euler there (official: NaN)
                 else:
-                    k2 = sde_drift(xhat + dt * k1, t + dt)[0]
+                    k2 = sde_drift(xhat + dt * k1, t + dt)
                     x = xhat + 0.5 * dt * (k1 + k2)
         if last_step == "Mean":                                    # a noise-free step of the same SDE drift
-            return x + sde_drift(x, t1)[0] * size
+            return x + sde_drift(x, t1) * size
         if last_step == "Euler":                                   # a noise-free probability-flow step
             return x + field(x, t1)[0] * size
         if last_step == "Tweedie":                                 # E[x1 | x_t] = (x + sigma^2 s) / alpha
@@ -324,9 +331,13 @@ class Transport:
             x5 = x + h * sum(b * kj for b, kj in zip(b5, k) if b != 0)
             err = h * sum((p - q) * kj for p, q, kj in zip(b5, b4, k) if p != q)
             ratio = norm(err / (atol + rtol * torch.maximum(x.abs(), x5.abs())))
+            if not math.isfinite(ratio):                           # a NaN/inf model output: no step size helps
+                raise FloatingPointError(f"dopri5: non-finite values at t = {t:.4g} (step {h:.3g}); check the model")
             if ratio <= 1:                                         # accept (FSAL: k7 is the next k1)
                 t, x, k1 = t + h, x5, k[6]
             h = h * min(10.0, max(0.2, 0.9 * ratio ** -0.2)) if ratio > 0 else 10 * h
+            if t + h == t:
+                raise FloatingPointError(f"dopri5: step size underflow at t = {t:.4g}")
         raise RuntimeError(f"dopri5 did not reach t1 in {max_steps} steps")
 
 

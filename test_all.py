@@ -447,6 +447,31 @@ def test_ddpm_sampling_seeded_and_finite():
         assert torch.equal(a, b) and torch.isfinite(a).all()
 
 
+
+def test_ddpm_sampler_step_counts():
+    D, toy, calls = ddpm.GaussianDiffusion(), ToyEps(), []
+
+    def counting(x, t, y):
+        calls.append(1)
+        return toy(x, t, y)
+
+    z, y = torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
+    for sampler in ("ddpm", "ddim"):                  # one step from t = 999 straight to the x0 estimate
+        calls.clear()
+        assert torch.isfinite(D.sample(counting, z, y, steps=1, sampler=sampler)).all() and len(calls) == 1
+    calls.clear()
+    D.sample(counting, z, y, sampler="dpm++")         # its own default, not the 250 of ddpm
+    assert len(calls) == 25
+    with pytest.raises(ValueError, match="dpm\\+\\+ steps"):
+        D.sample(counting, z, y, steps=0, sampler="dpm++")
+
+
+def test_ddpm_loss_refuses_a_model_without_the_variance_channels():
+    D = ddpm.GaussianDiffusion(learn_sigma=True)
+    x = torch.randn(2, 4, 4, 4)
+    with pytest.raises(ValueError, match="needs 8"):
+        D.loss(lambda x_t, t, y: torch.zeros_like(x_t), x, None)
+
 # DDPM ancestral samples of the OFFICIAL diffusion code (facebookresearch/DiT diffusion/ @ ed81ce2:
 # create_diffusion(timestep_respacing="10", learn_sigma=...).p_sample_loop) with the model below, noise z and
 # torch.manual_seed(3) before the loop, measured once on CPU (ours was bitwise equal): sum and flatten()[::4].
@@ -883,7 +908,7 @@ def test_sit_plan_golden(path, xt, ut):
 def test_sit_loss_formulas(path, pred, weight):
     tr = sit.Transport(path, pred, weight)
     x1, x0 = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
-    t0, t1 = tr.train_interval()
+    t0, t1 = tr.interval(tr.train_eps)
     t = torch.linspace(t0, t1, 6)[1:5]
     out = torch.randn(4, 4, 3, 3)                     # 2C outputs: the extra half is ignored (learn_sigma files)
     got = tr.loss(lambda x, t_, y: out, x1, None, t=t, noise=x0)["loss"]
@@ -900,12 +925,45 @@ def test_sit_loss_formulas(path, pred, weight):
 
 
 def test_sit_intervals_and_eps_fixes():
-    assert sit.Transport().train_interval() == (0.0, 1.0)
-    assert sit.Transport(prediction="score").train_interval() == (1e-3, 1 - 1e-3)
-    assert sit.Transport(path_type="VP").train_interval() == (0.0, 1 - 1e-5)
-    assert sit.Transport(train_eps=0.01).train_interval() == (0.0, 1.0)      # velocity: starts at 0 regardless
-    assert sit.Transport(prediction="noise", train_eps=0.02).train_interval() == (0.02, 0.98)  # a given eps is used
-    assert sit.Transport(sample_eps=0.005).sample_eps == 0.005                  # official: silently 0
+    iv = lambda tr: (tr.interval(tr.train_eps), tr.interval(tr.sample_eps))
+    assert iv(sit.Transport()) == ((0.0, 1.0), (0.0, 1.0))                     # official defaults
+    assert iv(sit.Transport(prediction="score")) == ((1e-3, 1 - 1e-3), (1e-3, 1 - 1e-3))
+    assert iv(sit.Transport(path_type="VP")) == ((0.0, 1 - 1e-5), (0.0, 1 - 1e-3))
+    # a given eps is used, velocity models included (official: silently 0 for Linear/GVP velocity)
+    assert iv(sit.Transport(train_eps=0.01, sample_eps=0.005)) == ((0.01, 0.99), (0.005, 0.995))
+    assert sit.Transport(prediction="noise", train_eps=0.02).interval(0.02) == (0.02, 0.98)
+    with pytest.raises(ValueError, match="must be > 0"):                      # the score is singular at t = 0, 1
+        sit.Transport(prediction="score", sample_eps=0.0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        sit.Transport(path_type="GVP", prediction="noise", train_eps=0)
+
+
+def test_sit_given_sample_eps_changes_the_ode_and_sde_of_a_velocity_model():
+    tr0, tr1 = sit.Transport(), sit.Transport(sample_eps=0.05)
+    z, y = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(4, dtype=torch.long)
+    for kw in (dict(method="ode", solver="euler", num_steps=6), dict(method="sde", solver="euler", num_steps=6)):
+        torch.manual_seed(0); a = tr0.sample(exact_gaussian_model(tr0, "velocity"), z, y, **kw)
+        torch.manual_seed(0); b = tr1.sample(exact_gaussian_model(tr1, "velocity"), z, y, **kw)
+        assert (a - b).abs().max() > 1e-3, kw
+
+
+def test_sit_dopri5_stops_at_the_first_nonfinite_step():
+    calls = []
+
+    def nan_after_half(x, t, y):
+        calls.append(1)
+        return torch.full_like(x, float("nan")) if float(t[0]) > 0.5 else -x
+
+    z, y = torch.randn(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(FloatingPointError, match="dopri5"):
+        sit.Transport().sample(nan_after_half, z, y, method="ode", solver="dopri5")
+    assert len(calls) < 100
+
+
+def test_sit_sde_needs_two_grid_points():
+    with pytest.raises(ValueError, match="num_steps"):
+        sit.Transport().sample(lambda x, t, y: x, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long),
+                               method="sde", num_steps=1)
 
 
 def exact_gaussian_model(tr, prediction, mu=2.0, sd=0.5):

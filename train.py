@@ -730,7 +730,7 @@ def draw_time(objective, n, gen, device):
     """Training times from the shared generator (so every rank agrees and resume replays them)."""
     if hasattr(objective, "num_timesteps"):
         return torch.randint(0, objective.num_timesteps, (n,), generator=gen, device=device)
-    t0, t1 = objective.train_interval()
+    t0, t1 = objective.interval(objective.train_eps)
     return torch.rand(n, generator=gen, device=device) * (t1 - t0) + t0
 
 
