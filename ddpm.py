@@ -13,7 +13,7 @@ Time convention: integer timesteps t = 0 .. T-1 (T = 1000), t = 0 is the least n
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,  abar_t = prod_{s<=t} (1 - beta_s)     (DDPM Eq. 4).
 The backbone receives the ORIGINAL integer timestep (also when sampling with fewer, respaced steps),
 plus `timestep_offset` (1 for U-ViT's 1-indexed checkpoints). Guidance schedules use tau = t / T in [0, 1]
-(tau = 1 is pure noise).
+(tau near 1 is pure noise: t = T-1 gives 0.999).
 
 What is inside: one class, GaussianDiffusion, with
     loss(model, x, y, t=None, noise=None)   per-sample L_hybrid = L_simple + L_vlb (iDDPM Sec. 3.1)
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 # ---------------------------------------------------------------------------------------------------
 
 def make_betas(schedule, num_timesteps=1000):
-    """beta_1..T. 'linear': 1e-4..0.02 scaled by 1000/T (DDPM Sec. 4); 'scaled_linear': Stable Diffusion's
+    """The T betas, indexed t = 0..T-1 (the paper's beta_1..beta_T). 'linear': 1e-4..0.02 scaled by 1000/T (DDPM Sec. 4); 'scaled_linear': Stable Diffusion's
     sqrt-space linear 0.00085..0.012 (U-ViT's ImageNet latents); 'cosine': iDDPM Eq. 17."""
     if schedule == "linear":
         scale = 1000 / num_timesteps

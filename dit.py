@@ -7,7 +7,7 @@ Code:   facebookresearch/DiT @ ed81ce2 (models.py), read for names, shapes and c
         SiT (arXiv 2401.08740, willisma/SiT) uses this exact network, so its checkpoint loads here too.
 
 What is inside (top to bottom):
-    timestep_embedding / sincos_pos_embed_2d   sinusoidal tables (Sec. 3.1 "Patchify", "Conditioning")
+    timestep_embedding / sincos_pos_embed_2d   sinusoidal tables (Sec. 3.2 "Patchify", "DiT block design")
     PatchEmbed, TimestepEmbedder, LabelEmbedder   the three input embedders (Fig. 3)
     Attention, Mlp                              the transformer sub-layers, written out (SDPA attention)
     DiTBlock                                    adaLN-Zero block (Sec. 3.2, Fig. 3 right)
@@ -84,7 +84,7 @@ def modulate(x, shift, scale):
 # ---------------------------------------------------------------------------------------------------
 
 class PatchEmbed(nn.Module):
-    """Patchify (Sec. 3.1): (N, C, H, W) -> (N, T, D) with a p x p stride-p convolution, row-major tokens."""
+    """Patchify (Sec. 3.2): (N, C, H, W) -> (N, T, D) with a p x p stride-p convolution, row-major tokens."""
 
     def __init__(self, patch_size, in_channels, hidden_size):
         super().__init__()
