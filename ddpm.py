@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 # ---------------------------------------------------------------------------------------------------
 
 def make_betas(schedule, num_timesteps=1000):
-    """The T betas, indexed t = 0..T-1 (the paper's beta_1..beta_T). 'linear': 1e-4..0.02 scaled by 1000/T (DDPM Sec. 4); 'scaled_linear': Stable Diffusion's
-    sqrt-space linear 0.00085..0.012 (U-ViT's ImageNet latents); 'cosine': iDDPM Eq. 17."""
+    """The T betas, indexed t = 0..T-1 (the paper's beta_1..beta_T). 'linear': 1e-4..0.02 scaled by 1000/T
+    (DDPM Sec. 4); 'scaled_linear': Stable Diffusion's sqrt-space linear 0.00085..0.012 (U-ViT's ImageNet
+    latents); 'cosine': iDDPM Eq. 17."""
     if schedule == "linear":
         scale = 1000 / num_timesteps
         return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
