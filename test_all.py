@@ -665,10 +665,11 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     straight = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
     losses = last_losses(run)
     os.remove(os.path.join(run, "log.txt"))
-    train.main(["--resume", os.path.join(run, "checkpoints", "0000003.pt"), "--no-progress"])
-    resumed = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
-    assert resumed["step"] == 6
-    assert last_losses(run) == losses[3:]
+    # step 3 is behind the run's last.pt (step 6): the resumed run goes to a new folder next to it
+    new = train.main(["--resume", os.path.join(run, "checkpoints", "0000003.pt"), "--no-progress"])
+    resumed = torch.load(os.path.join(new, "checkpoints", "last.pt"), weights_only=True)
+    assert resumed["step"] == 6 and new != run
+    assert last_losses(new) == losses[3:]
     for part in ("model", "ema"):
         for k in straight[part]:
             assert torch.equal(straight[part][k], resumed[part][k]), (part, k)
@@ -694,6 +695,168 @@ def test_resume_continues_the_same_trajectory(tmp_path):
 def test_train_user_errors(tmp_path, argv, match):
     with pytest.raises(train.UserError, match=match):
         train.main(QUICK + ["--results-dir", str(tmp_path)] + argv)
+
+
+# --- resume and user-error guarantees (README, "Checkpoints, resume, errors") ----------------------------------------
+
+TINY = ["--batch-size", "4", "--log-every", "1", "--sample-every", "0", "--no-progress", "--sample-steps", "2"]
+
+
+def ckpt_bytes(run):
+    """{name: bytes} of a run's checkpoint files, to prove they were left alone."""
+    folder = os.path.join(run, "checkpoints")
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+def test_resume_writes_into_the_folder_it_is_given(tmp_path, monkeypatch):
+    # the run folder comes from the --resume path, never from the run_dir saved in the checkpoint
+    run = train.main(TINY + ["--steps", "2", "--results-dir", str(tmp_path / "r")])
+    original = ckpt_bytes(run)
+    import shutil
+    shutil.copytree(run, tmp_path / "copy")
+    assert train.main(["--resume", str(tmp_path / "copy"), "--steps", "3", "--no-progress"]) == str(tmp_path / "copy")
+    assert torch.load(tmp_path / "copy" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    assert ckpt_bytes(run) == original
+    # a relative run_dir saved in cwd a must not name run b of the same relative name in cwd b
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    run_a = os.path.abspath(train.main(TINY + ["--steps", "2", "--results-dir", "runs"]))
+    monkeypatch.chdir(tmp_path / "b")
+    run_b = train.main(TINY + ["--steps", "2", "--results-dir", "runs"])
+    b_before = ckpt_bytes(run_b)
+    assert train.main(["--resume", run_a, "--steps", "3", "--no-progress"]) == run_a
+    assert ckpt_bytes(run_b) == b_before
+
+
+def test_resume_from_an_earlier_checkpoint_starts_a_new_run(tmp_path, capsys):
+    run = train.main(TINY + ["--steps", "4", "--ckpt-every", "1", "--results-dir", str(tmp_path)])
+    before = ckpt_bytes(run)
+    new = train.main(["--resume", os.path.join(run, "checkpoints", "0000002.pt"), "--lr", "1e-2", "--no-progress"])
+    assert ckpt_bytes(run) == before                                 # 0000003.pt, 0000004.pt, last.pt untouched
+    assert new != run and os.path.dirname(new) == os.path.dirname(run) and os.path.basename(new).startswith("001-")
+    assert sorted(ckpt_bytes(new)) == ["0000003.pt", "0000004.pt", "last.pt"]
+    first = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"run {new}")][0]
+    assert "resumed at step 2" in first and "new run folder" in first
+    # resuming the newest checkpoint continues in place
+    assert train.main(["--resume", new, "--steps", "5", "--no-progress"]) == new
+
+
+def test_resume_sees_flags_given_with_equals_or_abbreviated(tmp_path):
+    run = train.main(TINY + ["--steps", "2", "--results-dir", str(tmp_path)])
+    for flag, steps in ((["--steps=3"], 3), (["--step", "4"], 4)):
+        train.main(["--resume", run, "--no-progress"] + flag)
+        assert torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["step"] == steps
+
+
+def test_resume_refuses_other_network_or_objective_flags(tmp_path):
+    run = train.main(TINY + ["--steps", "2", "--results-dir", str(tmp_path)])
+    before = ckpt_bytes(run)
+    for argv, match in ((["--model", "unet_vit"], "--model unet_vit differs from the checkpoint's dit"),
+                        (["--size=DiT-S/2"], "--size DiT-S/2 differs from the checkpoint's DiT-Tiny/2"),
+                        (["--objective", "sit", "--sampler", "sde-euler"], "--objective sit differs"),
+                        (["--class-dropout", "0.2"], "--class-dropout 0.2 differs"),
+                        (["--beta-schedule", "cosine"], "--beta-schedule: beta_schedule cosine differs"),
+                        (["--no-learn-sigma"], "--no-learn-sigma: learn_sigma False differs")):
+        with pytest.raises(train.UserError, match=match):
+            train.main(["--resume", run, "--steps", "3", "--no-progress"] + argv)
+    assert ckpt_bytes(run) == before
+    train.main(["--resume", run, "--steps", "3", "--no-progress", "--model", "dit", "--size", "DiT-Tiny/2",
+                "--objective", "ddpm", "--beta-schedule", "linear"])   # the same values are fine
+
+
+def test_resume_refuses_data_with_other_classes(tmp_path):
+    import shutil
+    data = make_image_folder(tmp_path, size=8, n=2)
+    run = train.main(TINY + ["--steps", "1", "--data", str(data), "--image-size", "8", "--results-dir", str(tmp_path / "r")])
+    shutil.copytree(data, tmp_path / "three")
+    shutil.copytree(data / "dog", tmp_path / "three" / "eel")
+    shutil.copytree(data, tmp_path / "renamed")
+    os.rename(tmp_path / "renamed" / "dog", tmp_path / "renamed" / "emu")
+    with pytest.raises(train.UserError, match="has 2 classes but --data .* has 3"):
+        train.main(["--resume", run, "--steps", "2", "--no-progress", "--data", str(tmp_path / "three")])
+    with pytest.raises(train.UserError, match="class 1 is 'emu', the checkpoint's is 'dog'"):
+        train.main(["--resume", run, "--steps", "2", "--no-progress", "--data", str(tmp_path / "renamed")])
+
+
+def test_sampler_flags_are_checked_before_training_and_a_failing_grid_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    for argv, match in ((["--sample-steps", "1001"], r"--sample-steps must be in \[1, 1000\]"),
+                        (["--objective", "sit", "--sample-steps", "1"], "--sample-steps must be >= 2 for sde-euler"),
+                        (["--objective", "sit", "--sampler", "ode-heun", "--sample-steps", "1"], ">= 2 for ode-heun")):
+        with pytest.raises(train.UserError, match=match):
+            train.main(TINY + ["--steps", "2", "--sample-every", "2", "--results-dir", str(tmp_path / "x")] + argv)
+    assert not os.path.exists(tmp_path / "x")                        # refused before any folder was made
+
+    def broken(*a, **k):
+        raise FloatingPointError("dopri5: non-finite values")
+    monkeypatch.setattr(train, "sample_images", broken)
+    run = train.main(TINY + ["--steps", "2", "--sample-every", "2", "--results-dir", str(tmp_path / "y")])
+    assert torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["step"] == 2
+    assert "warning: the sample grid of step 2 failed" in capsys.readouterr().out
+
+
+def make_latent_folder(root, n=8, C=1, s=8):
+    """A hand-made latent folder in extract_latents.py's layout: moments (N, 2 flips, 2C, s, s), labels, meta."""
+    os.makedirs(root, exist_ok=True)
+    np.save(os.path.join(root, "moments.npy"), np.random.default_rng(0).normal(size=(n, 2, 2 * C, s, s)).astype(np.float16))
+    np.save(os.path.join(root, "labels.npy"), np.arange(n, dtype=np.int64) % 2)
+    meta = dict(format="moments-v1", num_images=n, num_done=n, num_classes=2, classes=["a", "b"], latent_size=s,
+                latent_channels=C, scale_factor=0.18215)
+    with open(os.path.join(root, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+def test_malformed_latent_folder_is_a_user_error_before_any_run_folder(tmp_path):
+    import shutil
+    lat = str(tmp_path / "lat")
+    argv = TINY + ["--steps", "1", "--data", lat, "--size", "DiT-Tiny/2", "--results-dir", str(tmp_path / "r")]
+    meta = make_latent_folder(lat)
+    run = train.main(argv)                                           # the well-formed folder trains
+    shutil.rmtree(tmp_path / "r")
+    np.save(os.path.join(lat, "moments.npy"), np.zeros((8, 2, 4, 8, 8), np.float16))   # 2C = 4 but meta says C = 1
+    with pytest.raises(train.UserError, match=r"do not fit meta.json, which needs \(8\+, 2, 2, 8, 8\)"):
+        train.main(argv)
+    os.remove(os.path.join(lat, "moments.npy"))
+    with pytest.raises(train.UserError, match="cannot read moments.npy"):
+        train.main(argv)
+    make_latent_folder(lat)
+    with open(os.path.join(lat, "meta.json"), "w") as f:
+        json.dump({k: v for k, v in meta.items() if k != "scale_factor"}, f)
+    with pytest.raises(train.UserError, match="lacks or mistypes scale_factor"):
+        train.main(argv)
+    with open(os.path.join(lat, "meta.json"), "w") as f:
+        f.write('{"format": "moments-v1", ')
+    with pytest.raises(train.UserError, match="cannot read meta.json"):
+        train.main(argv)
+    assert run and not os.path.exists(tmp_path / "r")                 # no run folder for a refused folder
+
+
+def test_unusable_results_dir_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    for where in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(train.UserError, match="cannot write a run folder in"):
+            train.main(TINY + ["--steps", "1", "--results-dir", str(where)])
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_nan_and_out_of_range_numbers_are_refused(tmp_path):
+    for argv, match in ((["--lr", "nan"], "--lr must be positive"), (["--weight-decay", "nan"], "--weight-decay must be >= 0"),
+                        (["--grad-clip", "nan"], "--grad-clip must be >= 0"),
+                        (["--objective", "sit", "--prediction", "noise", "--train-eps", "-1"], r"--train-eps must be in \[0, 0.5\)"),
+                        (["--objective", "sit", "--path-type", "VP", "--train-eps", "0.5"], r"--train-eps must be in \[0, 0.5\)"),
+                        (["--objective", "sit", "--sample-eps", "nan"], r"--sample-eps must be in \[0, 0.5\)"),
+                        (["--objective", "sit", "--time-scale", "nan"], "--time-scale must be positive"),
+                        (["--objective", "sit", "--prediction", "score", "--train-eps", "0"], "sit objective: train_eps")):
+        with pytest.raises(train.UserError, match=match):
+            train.main(TINY + ["--steps", "1", "--results-dir", str(tmp_path / "x")] + argv)
+    # resuming with --steps at or below the checkpoint's step: nothing to train, said in one line, nothing written
+    run = train.main(TINY + ["--steps", "2", "--results-dir", str(tmp_path / "r")])
+    before = ckpt_bytes(run)
+    for steps in ("2", "1"):
+        with pytest.raises(train.UserError, match=f"--steps {steps}: the checkpoint is already at step 2"):
+            train.main(["--resume", run, "--steps", steps, "--no-progress"])
+    assert ckpt_bytes(run) == before and os.listdir(tmp_path / "r") == [os.path.basename(run)]
 
 
 def make_image_folder(root, size=12, n=6):

@@ -149,6 +149,14 @@ def get_parser():
     return p
 
 
+def given_flags(parser, argv):
+    """The dests set on the command line, exactly (--flag=value and abbreviations included): argv parsed again
+    with every default suppressed, so only what was given lands in the namespace."""
+    for a in parser._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def resolve_args(args, preset):
     """Fill unset flags from the preset (and, off the digits, the family's own recipe); UserError on a bad combination."""
     if args.model not in FAMILIES:
@@ -179,10 +187,16 @@ def resolve_args(args, preset):
     for name in ("sample_every", "ckpt_every"):
         if getattr(args, name, 0) is not None and getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
-    if hasattr(args, "lr") and args.lr is not None and args.lr <= 0:
+    if getattr(args, "sample_steps", None) is not None:   # what ddpm.py (T = 1000) and sit.py accept, checked before any grid
+        if args.objective == "ddpm" and args.sample_steps > 1000:
+            raise UserError(f"--sample-steps must be in [1, 1000] for ddpm's 1000 timesteps, got {args.sample_steps}")
+        if args.sampler in ("ode-euler", "ode-heun", "sde-euler", "sde-heun") and args.sample_steps < 2:
+            raise UserError(f"--sample-steps must be >= 2 for {args.sampler} (the time grid has that many points), "
+                            f"got {args.sample_steps}")
+    if hasattr(args, "lr") and args.lr is not None and not args.lr > 0:     # written so that NaN fails too
         raise UserError(f"--lr must be positive, got {args.lr}")
     for name in ("weight_decay", "warmup_steps", "grad_clip"):
-        if getattr(args, name, None) is not None and getattr(args, name) < 0:
+        if getattr(args, name, None) is not None and not getattr(args, name) >= 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if getattr(args, "betas", None) is not None and not all(0 <= b < 1 for b in args.betas):
         raise UserError(f"--betas must be in [0, 1), got {' '.join(map(str, args.betas))}")
@@ -228,9 +242,12 @@ def build_objective(cfg):
                                       timestep_offset=cfg["timestep_offset"],
                                       mse_weight="min_snr_5" if cfg.get("min_snr") else None)
     import sit
-    return sit.Transport(path_type=cfg["path_type"], prediction=cfg["prediction"], loss_weight=cfg["loss_weight"],
-                         train_eps=cfg["train_eps"], sample_eps=cfg["sample_eps"],
-                         time_scale=cfg.get("time_scale", 1.0), time_reverse=cfg.get("time_reverse", False))
+    try:
+        return sit.Transport(path_type=cfg["path_type"], prediction=cfg["prediction"], loss_weight=cfg["loss_weight"],
+                             train_eps=cfg["train_eps"], sample_eps=cfg["sample_eps"],
+                             time_scale=cfg.get("time_scale", 1.0), time_reverse=cfg.get("time_reverse", False))
+    except ValueError as e:   # e.g. eps = 0 for a Linear/GVP score or noise model
+        raise UserError(f"sit objective: {e}")
 
 
 def objective_config(args):
@@ -247,8 +264,11 @@ def objective_config(args):
     if weight not in (None, "velocity", "likelihood"):
         raise UserError(f"unknown --loss-weight {args.loss_weight!r}; choose none, velocity, likelihood")
     time_scale = args.time_scale if args.time_scale is not None else 999.0 if args.model == "unet_vit" else 1.0
-    if time_scale <= 0:
+    if not time_scale > 0:
         raise UserError(f"--time-scale must be positive, got {time_scale}")
+    for name in ("train_eps", "sample_eps"):   # the time interval is [eps, 1 - eps]
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) < 0.5:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 0.5), got {getattr(args, name)}")
     return dict(name="sit", path_type=args.path_type, prediction=args.prediction, loss_weight=weight,
                 train_eps=args.train_eps, sample_eps=args.sample_eps, time_scale=time_scale)
 
@@ -314,6 +334,30 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} does not hold a state dict or a checkpoint of this library")
     return ckpt
+
+
+# --resume: flags that shape the network or the objective (the checkpoint's config is what gets built)
+OBJECTIVE_FLAGS = {"beta_schedule": "beta_schedule", "no_learn_sigma": "learn_sigma", "timestep_offset": "timestep_offset",
+                   "min_snr": "min_snr", "path_type": "path_type", "prediction": "prediction", "loss_weight": "loss_weight",
+                   "train_eps": "train_eps", "sample_eps": "sample_eps", "time_scale": "time_scale"}
+
+
+def check_same_network(args, given, cfg):
+    """--resume: a flag given again that shapes the network or the objective must repeat the checkpoint's value;
+    a different one would be ignored (the checkpoint's config is built) while the run logs and saves it."""
+    m, o = cfg["model"], cfg["objective"]
+    for k, v in dict(model=m["family"], size=m["size"], objective=o["name"], class_dropout=m["class_dropout_prob"]).items():
+        if k in given and getattr(args, k) != v:
+            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's {v}: a resumed "
+                            "run keeps its network and objective (leave the flag out, or start a new run)")
+    if given & set(OBJECTIVE_FLAGS):
+        mine = objective_config(args)
+        for k in sorted(given & set(OBJECTIVE_FLAGS)):
+            key = OBJECTIVE_FLAGS[k]
+            theirs = o.get(key, {"min_snr": False, "time_scale": 1.0}.get(key))   # keys older checkpoints lack
+            if key in mine and mine[key] != theirs:
+                raise UserError(f"--{k.replace('_', '-')}: {key} {mine[key]} differs from the checkpoint's {theirs}: a "
+                                "resumed run keeps its objective (leave the flag out, or start a new run)")
 
 
 def load_weights(model, sd, what):
@@ -391,16 +435,32 @@ def load_data(args):
     if os.path.isfile(meta_path):  # latents written by extract_latents.py
         if args.image_size is not None:
             raise fixed_size
-        meta = json.load(open(meta_path))
-        if meta.get("format") != "moments-v1":
-            raise UserError(f"--data {args.data}: unknown latent format {meta.get('format')!r} (re-run extract_latents.py)")
-        n = meta["num_done"]
+        try:
+            meta = json.load(open(meta_path))
+        except (OSError, ValueError) as e:
+            raise UserError(f"--data {args.data}: cannot read meta.json ({e}); re-run extract_latents.py")
+        if not isinstance(meta, dict) or meta.get("format") != "moments-v1":
+            raise UserError(f"--data {args.data}: unknown latent format "
+                            f"{meta.get('format') if isinstance(meta, dict) else None!r} (re-run extract_latents.py)")
+        bad = [k for k in ("num_images", "num_done", "num_classes", "latent_channels", "latent_size", "scale_factor")
+               if not isinstance(meta.get(k), (int, float) if k == "scale_factor" else int)]
+        if bad:
+            raise UserError(f"--data {args.data}: meta.json lacks or mistypes {', '.join(bad)} (re-run extract_latents.py)")
+        n, C, s = meta["num_done"], meta["latent_channels"], meta["latent_size"]
         if n == 0:
             raise UserError(f"--data {args.data}: the latent folder is empty (extraction not started?)")
+        try:
+            mom = np.load(os.path.join(args.data, "moments.npy"), mmap_mode="r")   # (N, 2 flips, 2C, h, w) fp16
+            lab = np.load(os.path.join(args.data, "labels.npy"), mmap_mode="r")     # (N,) int, -1 = not decodable
+        except (OSError, ValueError) as e:
+            raise UserError(f"--data {args.data}: cannot read moments.npy / labels.npy ({e}); re-run extract_latents.py")
+        if mom.ndim != 5 or mom.shape[1:] != (2, 2 * C, s, s) or len(mom) < n or lab.ndim != 1 or len(lab) < n:
+            raise UserError(f"--data {args.data}: moments.npy {mom.shape} and labels.npy {lab.shape} do not fit "
+                            f"meta.json, which needs ({n}+, 2, {2 * C}, {s}, {s}) and ({n}+,); re-run extract_latents.py")
         if n < meta["num_images"] and int(os.environ.get("RANK", 0)) == 0:
             print(f"warning: extraction unfinished, training on the first {n} of {meta['num_images']} images")
-        mom = np.load(os.path.join(args.data, "moments.npy"), mmap_mode="r")[:n]   # (N, 2 flips, 2C, h, w) fp16
-        lab = np.array(np.load(os.path.join(args.data, "labels.npy"), mmap_mode="r")[:n])
+        mom = mom[:n]
+        lab = np.array(lab[:n])
         rows = np.flatnonzero(lab >= 0)                                  # label -1: the image could not be decoded
         return dict(x=mom, rows=rows, y=torch.from_numpy(lab[rows]), num_classes=meta["num_classes"], kind="latents",
                     meta=meta, shape=(meta["latent_channels"], meta["latent_size"]), scale=meta["scale_factor"])
@@ -502,6 +562,31 @@ def init_distributed():
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
+def resume_source(path):
+    """The run a --resume path belongs to: the run directory itself, or RUN for a file in RUN/checkpoints/;
+    None for a file elsewhere. Never the run_dir saved inside the checkpoint (the run may have been copied)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return path
+    ck = os.path.dirname(path)
+    return os.path.dirname(ck) if os.path.basename(ck) == "checkpoints" else None
+
+
+def run_is_ahead(run, step):
+    """Whether `run` holds a checkpoint that continuing it from `step` would overwrite or leave stale: a periodic
+    NNNNNNN.pt past `step`, or a last.pt at another step (or unreadable)."""
+    folder = os.path.join(run, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    if any(n.endswith(".pt") and n[:-3].isdigit() and int(n[:-3]) > step for n in names):
+        return True
+    if "last.pt" not in names:
+        return False
+    try:   # mmap: reads the step without loading the tensors
+        return torch.load(os.path.join(folder, "last.pt"), map_location="cpu", weights_only=True, mmap=True)["step"] != step
+    except Exception:
+        return True
+
+
 def next_run_dir(results_dir, name):
     """results/NNN-name, with NNN one more than any existing run: a new run never reuses a folder."""
     os.makedirs(results_dir, exist_ok=True)
@@ -523,16 +608,19 @@ def main(argv=None):
             raise UserError(f"--resume {args.resume}: not a training checkpoint of this library "
                             "(official weights are sampled with sample.py --ckpt)")
         saved = resume["args"]                       # the run's own settings win over the defaults ...
-        cli = sys.argv[1:] if argv is None else argv
-        given = {a.dest for a in get_parser()._actions if any(o in cli for o in a.option_strings)}
+        given = given_flags(get_parser(), argv)
         for k, v in saved.items():
             if k not in given and k != "resume":
                 setattr(args, k, v)                  # ... unless set again on this command line
         for k, v in (("betas", tuple(resume["opt"]["param_groups"][0].get("betas", (0.9, 0.999)))), ("warmup_steps", 0)):
             if k not in saved and k not in given:    # checkpoints written before these flags existed
                 setattr(args, k, v)
+        check_same_network(args, given, resume["config"])
     data_preset = "digits" if args.data == "digits" else "official"
     args = resolve_args(args, data_preset)
+    if resume and args.steps <= resume["step"]:
+        raise UserError(f"--steps {args.steps}: the checkpoint is already at step {resume['step']}, nothing to train "
+                        "(give a larger --steps)")
 
     # --- setup: device, DDP, seeds, precision -----------------------------------------------------
     ddp, rank, world, device = init_distributed()
@@ -563,6 +651,16 @@ def main(argv=None):
     if (model_cfg["input_size"], model_cfg["in_channels"]) != (H, C):
         raise UserError(f"the checkpoint's model takes {model_cfg['in_channels']}x{model_cfg['input_size']}^2 "
                         f"inputs but --data gives {C}x{H}^2")
+    if model_cfg["num_classes"] != data["num_classes"]:
+        raise UserError(f"the checkpoint's model has {model_cfg['num_classes']} classes but --data {args.data} "
+                        f"has {data['num_classes']}")
+    if resume:   # same count, other names: the labels would mean other classes (latents keep theirs in meta)
+        names = lambda d: d.get("classes") or (d.get("meta") or {}).get("classes")
+        ours, theirs = names(data), names(resume["config"].get("data", {}))
+        if ours and theirs and list(ours) != list(theirs):
+            diff = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            raise UserError(f"--data {args.data}: class {diff} is {ours[diff]!r}, the checkpoint's is {theirs[diff]!r}")
+    size = model_cfg["size"]
     model = build_model(model_cfg)
     if args.grad_checkpointing and hasattr(model, "grad_checkpointing"):
         model.grad_checkpointing = True
@@ -599,25 +697,33 @@ def main(argv=None):
         train_model = torch.compile(train_model)
 
     # --- run directory (rank 0 writes every file) --------------------------------------------------------
-    run_dir = None
+    # A resumed run continues in the run the --resume path names, unless that run holds checkpoints past the resumed
+    # step (or the file is not in a RUN/checkpoints/ folder): then in a new run folder, so no checkpoint is overwritten.
+    run_dir, note = None, ""
     if rank == 0:
-        if resume:
-            run_dir = resume["run_dir"] if os.path.isdir(resume.get("run_dir", "")) else \
-                os.path.dirname(os.path.dirname(os.path.abspath(args.resume if os.path.isfile(args.resume) else
-                                                                 os.path.join(args.resume, "checkpoints", "last.pt"))))
-        else:
-            run_dir = next_run_dir(args.results_dir, f"{args.model}-{size.replace('/', '_')}-{args.objective}")
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        src = resume_source(args.resume) if resume else None
+        parent = os.path.dirname(src) if src else args.results_dir
+        try:
+            if src and not run_is_ahead(src, step):
+                run_dir = src
+            else:
+                run_dir = next_run_dir(parent, f"{args.model}-{size.replace('/', '_')}-{args.objective}")
+                if resume:
+                    note = (f" of {src}, in a new run folder ({src} has checkpoints past step {step})" if src else
+                            f" from {args.resume}, in a new run folder (the file is not in a RUN/checkpoints/ folder)")
+            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+            os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+            with open(os.path.join(run_dir, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=1)
+        except OSError as e:
+            raise UserError(f"cannot write a run folder in {run_dir or parent}: {e.strerror or e}")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"run {run_dir}: {size} ({n_params:,} parameters) + {args.objective} on {args.data} "
               f"({N} examples, {C}x{H}x{H}), {world} process(es) on {device.type}, {args.precision}"
               + (", compiled" if args.compile else "")
-              + (f", resumed at step {step}" if resume else ""))
+              + (f", resumed at step {step}{note}" if resume else ""))
         if masked:
             print(f"masked pass on: mask ratio {args.mask_ratio} (logged as loss_masked)")
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
 
     # --- the loop ---------------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -696,9 +802,13 @@ def main(argv=None):
             log_n, t_log = 0, time.time()
 
         if args.sample_every and (step % args.sample_every == 0 or step == args.steps) and rank == 0:
-            with amp:
-                xs = sample_images(objective, ema, fixed_z, fixed_y, args.objective, args)
-            save_grid(xs, os.path.join(run_dir, "samples", f"{step:07d}.png"), nrow=10 if data["kind"] == "digits" else 4)
+            try:   # a grid is a by-product: its failure (a sampler blowing up, no memory left) costs no checkpoint
+                with amp:
+                    xs = sample_images(objective, ema, fixed_z, fixed_y, args.objective, args)
+                save_grid(xs, os.path.join(run_dir, "samples", f"{step:07d}.png"), nrow=10 if data["kind"] == "digits" else 4)
+            except Exception as e:
+                bar.write(f"warning: the sample grid of step {step} failed, training goes on "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
 
         if is_ckpt:
             state = dict(model=clean_state_dict(model.state_dict()), ema=clean_state_dict(ema.state_dict()),
