@@ -1643,6 +1643,14 @@ def test_mdt_decode_layer_is_validated():
     assert len(_tiny_mdt("v2", decode_layer=0).de_blocks) == 0 and len(_tiny_mdt("v1", decode_layer=4).blocks) == 4
 
 
+def test_uvit_class_conditional_without_labels_is_a_value_error():
+    m = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=10, depth=2)
+    with pytest.raises(ValueError, match="class-conditional"):
+        m(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), None)
+    u = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=0, depth=2)
+    assert u(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), None).shape == (2, 1, 8, 8)
+
+
 # ===================================================================================================
 # extract_latents.py -> train.py --data LATENTS -> sample.py (VAE decode) -> .npz, with a tiny random VAE
 # ===================================================================================================
