@@ -1567,6 +1567,7 @@ def test_diffit_image_space_model():
     u = diffit.DiffiT_models["DiffiT-CIFAR10"](input_size=32)
     assert u.enc[0][0].block.attn.num_heads == 4 and u.enc[1][0].block.attn.num_heads == 8   # head dim 32
     assert [len(l) for l in u.enc] == [4, 4, 4] and len(u.dec) == 2
+    assert meta_model(diffit.DiffiT_models, "DiffiT-FFHQ64").input_size == 64   # the preset builds with its defaults
     with pytest.raises(ValueError):
         diffit.DiffiT_models["DiffiT-FFHQ64"](input_size=32)   # 32 is not divisible by window 8 x 2^3
     torch.manual_seed(0)
@@ -1649,6 +1650,13 @@ def test_uvit_class_conditional_without_labels_is_a_value_error():
         m(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), None)
     u = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=0, depth=2)
     assert u(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), None).shape == (2, 1, 8, 8)
+
+
+def test_diffit_unet_widths_are_validated():
+    with pytest.raises(ValueError, match="head_dim"):    # used to build 1 head of 16 channels
+        diffit.DiffiTUNet(input_size=8, channels=(16, 32), window=4, head_dim=32, groups=8)
+    with pytest.raises(ValueError, match="GroupNorm inputs"):    # the decoder concatenation 16 + 24 = 40
+        diffit.DiffiTUNet(input_size=8, channels=(16, 24), window=4, head_dim=8, groups=32)
 
 
 # ===================================================================================================
