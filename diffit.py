@@ -47,12 +47,15 @@ Choices for the image-space model (the paper leaves them open; fact-sheet recomm
     7. Head dim 32, MLP ratio 4, GroupNorm 32 groups (eps 1e-6), non-affine LayerNorms in the blocks.
     8. Windows: 4x4 (CIFAR-10), 8x8 (FFHQ-64), non-overlapping, no shift; one Swin-style bias table
        ((2w-1)^2, heads) per block shared by its windows.
-    9. Time token: 128-dim sinusoid of the time value the objective passes -> Linear -> SiLU -> Linear to
-       512 (Tab. 3 best: time 512). The paper trains with EDM's preconditioning and c_noise = ln(sigma)/4;
-       here the model is trained by our objectives (ddpm, sit) and embeds their time value instead.
+    9. Time token: C1-dim sinusoid (C1 = channels[0], 128 in the paper configs) of the time value the
+       objective passes -> Linear -> SiLU -> Linear to 512 (Tab. 3 best: time 512). The paper trains with
+       EDM's preconditioning and c_noise = ln(sigma)/4; here the model is trained by our objectives (ddpm,
+       sit) and embeds their time value instead.
    10. No absolute position embedding (relative bias + convolutions carry position).
    11. Class conditioning (not in the paper's unconditional image models) is optional: num_classes > 0 adds a
        label embedding to the time embedding (null row for guidance), so it also trains on labelled digits.
+   12. No dropout and no augmentation-label input (the paper says it follows EDM, whose networks use dropout
+       0.13 on CIFAR-10 / 0.05 on FFHQ-64 and take the augmentation labels as an input; not restated in it).
 """
 import math
 from functools import partial
@@ -317,6 +320,14 @@ class DiffiTUNet(nn.Module):
         levels = len(channels)
         if input_size % (window * 2 ** (levels - 1)):
             raise ValueError(f"input_size {input_size} must be divisible by window {window} x 2^{levels - 1}")
+        # fail here, not deep inside: the heads of a block are width // head_dim, and every GroupNorm input (block
+        # inputs, the decoder's concatenations included, and the head) is split into min(groups, width) groups
+        if any(c % head_dim for c in channels):
+            raise ValueError(f"channels {tuple(channels)}: every width must be a multiple of head_dim {head_dim}")
+        norm_widths = set(channels) | {channels[i] + channels[i + 1] for i in range(levels - 1)}
+        if bad := sorted(c for c in norm_widths if c % min(groups, c)):
+            raise ValueError(f"channels {tuple(channels)}: GroupNorm inputs of widths {bad} (decoder concatenations "
+                             f"included) do not divide into {groups} groups")
         self.input_size, self.in_channels = input_size, in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
         self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
@@ -373,7 +384,7 @@ class DiffiTUNet(nn.Module):
 DiffiT_models = {
     "DiffiT-XL/2": partial(DiffiT, patch_size=2, depth=28, hidden_size=1152, num_heads=16),
     "DiffiT-CIFAR10": partial(DiffiTUNet, channels=(128, 256, 256), blocks=4, window=4),
-    "DiffiT-FFHQ64": partial(DiffiTUNet, channels=(128, 256, 256, 256), blocks=4, window=8),
+    "DiffiT-FFHQ64": partial(DiffiTUNet, input_size=64, channels=(128, 256, 256, 256), blocks=4, window=8),
     # ours, not in the paper: small configs for CPU runs on the 8x8 digits
     "DiffiT-Tiny/2": partial(DiffiT, patch_size=2, depth=4, hidden_size=128, num_heads=4),
     "DiffiT-UNet-Tiny": partial(DiffiTUNet, channels=(64, 128), blocks=2, window=4, temb_dim=256, head_dim=32, groups=8),

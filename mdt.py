@@ -30,15 +30,20 @@ D width, h heads.
 
 Deviations from the official code (state-dict keys and outputs are the same; tested locally):
     - Attention goes through F.scaled_dot_product_attention with the relative bias as an additive mask
-      (the official code writes the softmax out, which is the main reason it is ~3x slower than DiT).
+      (the official code writes the softmax out).
     - The masked bias is one embedding lookup of the kept pairs' table offsets instead of repeat + two gathers.
     - The mask ratio is an argument of forward (mask_ratio=None: no masking) instead of a constructor
       argument + enable_mask; one ratio per batch r = mask_ratio + 0.2 U[0, 1) as in v2. The mask token
       is always trainable (official: frozen when built for inference, which only matters for training).
+    - A mask ratio that could leave no token visible raises a ValueError (official: a slice with
+      int(L (1 - r)) <= 0 wraps around or keeps nothing, silently); so does a decode_layer the official
+      arithmetic cannot build as asked (v2: depth - decode_layer odd or negative; v1: outside 1..depth).
     - Label dropout and the null label as in DiT; out_channels is an argument (official: learn_sigma).
     - PatchEmbed returns contiguous tokens instead of a transposed view that every LayerNorm copies (same values).
     - MDT v1 (branch mdtv1) is the class MDT ('MDT-XL/2', decode_layer 2 as its released checkpoint);
-      only its XL/2 size is registered (the paper's v1 results are for XL/2).
+      only XL/2, the size of the released v1 checkpoint, is registered. The v1 paper's convergence
+      comparison with DiT (Fig. 1) and its ablations use S/2; build that size as the official MDT_S_2:
+      MDT(depth=12, hidden_size=384, num_heads=6).
 """
 import math
 from functools import partial
@@ -245,14 +250,17 @@ def unpatchify(x, p, c):
 
 
 def random_masking(x, ratio):
-    """Keep a random subset of int(L (1 - ratio)) tokens per sample (MAE-style shuffle).
-    Returns kept tokens (N, K, D), mask (N, L) with 1 = dropped, ids_restore (N, L), ids_keep (N, K)."""
+    """Keep a random subset of K = int(L (1 - ratio)) tokens per sample (MAE-style shuffle), so L - K are
+    dropped (ratio 0.3 of L = 256 drops 77). Returns kept tokens (N, K, D), mask (N, L) in x's dtype with
+    1 = dropped, ids_restore (N, L), ids_keep (N, K)."""
     N, L, D = x.shape
     keep = int(L * (1 - ratio))
+    if not 1 <= keep <= L:      # keep <= 0 would slice from the end (official: silently wrong)
+        raise ValueError(f"mask ratio {ratio} keeps int({L} (1 - ratio)) = {keep} of {L} tokens; need 1..{L}")
     ids_shuffle = torch.argsort(torch.rand(N, L, device=x.device), dim=1)      # small noise = kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
-    mask = torch.ones(N, L, device=x.device)
+    mask = torch.ones(N, L, device=x.device, dtype=x.dtype)   # x's dtype: a bf16 model stays bf16
     mask[:, :keep] = 0
     mask = torch.gather(mask, 1, ids_restore)                                  # back to token order
     return torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D)), mask, ids_restore, ids_keep
@@ -276,6 +284,19 @@ def check_input(model, x):
         raise ValueError(f"MDT built for {model.input_size}x{model.input_size} inputs, got {tuple(x.shape[-2:])}")
 
 
+def check_mask_ratio(model, mask_ratio, spread):
+    """The drawn ratio is r = mask_ratio + spread u, u ~ U[0, 1) (v2: spread 0.2; v1: 0, r = mask_ratio); every
+    r must keep int(L (1 - r)) >= 1 of the L tokens, i.e. about mask_ratio <= 1 - spread - 1/L (L = 256: 0.796
+    in v2, 0.996 in v1). Checked with the largest u torch.rand gives, before drawing: a bad ratio fails at once,
+    not at an unlucky step."""
+    L = (model.input_size // model.patch_size) ** 2
+    if mask_ratio < 0 or int(L * (1 - (mask_ratio + spread * (1 - 2 ** -24)))) < 1:
+        drawn = f"r in [mask_ratio, mask_ratio + {spread})" if spread else "r = mask_ratio"
+        raise ValueError(f"mask_ratio {mask_ratio} is invalid for {type(model).__name__}: it masks with {drawn} and "
+                         f"keeps int(L (1 - r)) of the L = {L} tokens, so it needs 0 <= mask_ratio <= about "
+                         f"1 - {spread} - 1/L = {1 - spread - 1 / L:.6g} (at least one kept token)")
+
+
 class MDTv2(nn.Module):
     """MDTv2: (x, t, y, mask_ratio=None) -> (N, out_channels, H, W)."""
 
@@ -289,10 +310,16 @@ class MDTv2(nn.Module):
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = 2 * in_channels if out_channels is None else out_channels
         self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
+        if not 0 <= decode_layer <= depth or (depth - decode_layer) % 2:
+            # official: half = (depth - decode_layer) // 2 in- and out-blocks + decode_layer decoder blocks, so
+            # an odd difference silently builds depth - 1 blocks, and decode_layer > depth more than depth
+            raise ValueError(f"MDTv2 needs 0 <= decode_layer <= depth with depth - decode_layer even (equal numbers "
+                             f"of in- and out-blocks), got depth {depth}, decode_layer {decode_layer}")
         grid = input_size // patch_size
         half = (depth - decode_layer) // 2
         block = partial(MDTBlock, hidden_size, num_heads, grid, mlp_ratio)
-        # registration order = the official one (same state-dict order, same seeded init)
+        # registration order = the official one (same state-dict order). A seeded init still differs from the
+        # official one: torch's trunc_normal_ (bias tables) draws differently from timm's, shifting later draws.
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -311,6 +338,7 @@ class MDTv2(nn.Module):
         """v2: one ratio per batch, r ~ U[mask_ratio, mask_ratio + 0.2), drawn on the CPU generator (no device
         sync), then random_masking(x, r). Kept out of torch.compile: a compiled forward would bake each r into
         its graph and recompile every step; this way it sees index tensors whose length K is a dynamic size."""
+        check_mask_ratio(self, mask_ratio, 0.2)
         return random_masking(x, mask_ratio + 0.2 * torch.rand(1).item())
 
     def forward(self, x, t, y, mask_ratio=None):
@@ -337,8 +365,8 @@ class MDTv2(nn.Module):
 class MDT(nn.Module):
     """MDT v1 (branch mdtv1): (x, t, y, mask_ratio=None) -> (N, out_channels, H, W). One stack of `depth`
     blocks without long skips: the first depth - decode_layer are the encoder (kept tokens only when masking),
-    then the side-interpolater (masking) or + decoder_pos_embed, then the last decode_layer blocks. Masks
-    exactly mask_ratio of the tokens (no random range in v1)."""
+    then the side-interpolater (masking) or + decoder_pos_embed, then the last decode_layer blocks. The ratio
+    is fixed (no random range in v1): it masks L - int(L (1 - mask_ratio)) tokens, e.g. 77 of 256 at 0.3."""
 
     trains_with_mask = True
 
@@ -349,10 +377,16 @@ class MDT(nn.Module):
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = 2 * in_channels if out_channels is None else out_channels
+        if not 1 <= decode_layer <= depth:
+            # official: the switch to the decoder happens at block depth - decode_layer; outside 1..depth it never
+            # does (no decoder positions; masked, the kept tokens reach unpatchify and it fails there)
+            raise ValueError(f"MDT (v1) needs 1 <= decode_layer <= depth, got depth {depth}, "
+                             f"decode_layer {decode_layer}")
         self.num_classes, self.class_dropout_prob, self.decode_layer = num_classes, class_dropout_prob, decode_layer
         grid = input_size // patch_size
         block = partial(MDTBlock, hidden_size, num_heads, grid, mlp_ratio)
-        # registration order = the official one (same state-dict order, same seeded init)
+        # registration order = the official one (same state-dict order). A seeded init still differs from the
+        # official one: torch's trunc_normal_ (bias tables) draws differently from timm's, shifting later draws.
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -370,6 +404,7 @@ class MDT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)                           # (N, D)
         masked, ids_keep = bool(mask_ratio), None
         if masked:
+            check_mask_ratio(self, mask_ratio, 0)
             x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio)    # (N, K, D), K fixed by the ratio
         first_decoder = len(self.blocks) - self.decode_layer
         for i, blk in enumerate(self.blocks):

@@ -1730,6 +1730,7 @@ def test_diffit_image_space_model():
     u = diffit.DiffiT_models["DiffiT-CIFAR10"](input_size=32)
     assert u.enc[0][0].block.attn.num_heads == 4 and u.enc[1][0].block.attn.num_heads == 8   # head dim 32
     assert [len(l) for l in u.enc] == [4, 4, 4] and len(u.dec) == 2
+    assert meta_model(diffit.DiffiT_models, "DiffiT-FFHQ64").input_size == 64   # the preset builds with its defaults
     with pytest.raises(ValueError):
         diffit.DiffiT_models["DiffiT-FFHQ64"](input_size=32)   # 32 is not divisible by window 8 x 2^3
     torch.manual_seed(0)
@@ -1767,6 +1768,58 @@ def test_diffit_outputs_equal_regression_values(case):
     out = random_weight_forward((diffit.DiffiT if case == "latent" else diffit.DiffiTUNet)(**kw), 1, [3, 10, 0])
     torch.testing.assert_close(out.flatten()[::16], torch.tensor(strided), atol=1e-5, rtol=1e-5)
     assert abs(out.double().sum().item() - total) < 1e-4
+
+
+# Review fixes in mdt.py, unet_vit.py and diffit.py (the tests of behaviour fixes failed before them)
+
+def _tiny_mdt(version, **kw):
+    cls = mdt.MDTv2 if version == "v2" else mdt.MDT
+    kw = {"depth": 4, "decode_layer": 2, **kw}
+    return cls(input_size=8, in_channels=1, num_classes=10, hidden_size=32, num_heads=2, **kw)
+
+
+def test_mdt_mask_ratio_that_could_keep_no_token_is_a_value_error():
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4])     # L = 16 tokens
+    with pytest.raises(ValueError, match="keeps"):
+        mdt.random_masking(torch.randn(2, 16, 8), 1.1)     # int(16 (1 - 1.1)) = -1 used to keep 15 tokens
+    for version, bad, edge in [("v2", 0.75, 1 - 0.2 - 1 / 16), ("v1", 1.1, 1 - 1 / 16)]:
+        m = _tiny_mdt(version)
+        for ratio in (bad, -0.1):   # v2 0.75: r in [0.75, 0.95) keeps 0 tokens for r > 0.9375
+            with pytest.raises(ValueError, match="mask_ratio"):
+                m(x, t, y, mask_ratio=ratio)
+        torch.manual_seed(0)
+        assert m(x, t, y, mask_ratio=edge).shape == (2, 2, 8, 8)        # the largest valid ratio keeps >= 1
+
+
+def test_mdt_masked_forward_of_a_bf16_model():
+    torch.manual_seed(0)
+    m = _tiny_mdt("v2").to(torch.bfloat16)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)
+    assert mdt.random_masking(torch.randn(2, 16, 8, dtype=torch.bfloat16), 0.3)[1].dtype == torch.bfloat16
+    assert m(x, torch.tensor([1, 2]), torch.tensor([3, 4]), mask_ratio=0.3).dtype == torch.bfloat16
+
+
+def test_mdt_decode_layer_is_validated():
+    for version, kw in [("v1", dict(decode_layer=0)), ("v1", dict(decode_layer=5)),
+                        ("v2", dict(depth=5, decode_layer=2)), ("v2", dict(decode_layer=6))]:
+        with pytest.raises(ValueError, match="decode_layer"):
+            _tiny_mdt(version, **kw)
+    assert len(_tiny_mdt("v2", decode_layer=0).de_blocks) == 0 and len(_tiny_mdt("v1", decode_layer=4).blocks) == 4
+
+
+def test_uvit_class_conditional_without_labels_is_a_value_error():
+    m = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=10, depth=2)
+    with pytest.raises(ValueError, match="class-conditional"):
+        m(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), None)
+    u = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=0, depth=2)
+    assert u(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), None).shape == (2, 1, 8, 8)
+
+
+def test_diffit_unet_widths_are_validated():
+    with pytest.raises(ValueError, match="head_dim"):    # used to build 1 head of 16 channels
+        diffit.DiffiTUNet(input_size=8, channels=(16, 32), window=4, head_dim=32, groups=8)
+    with pytest.raises(ValueError, match="GroupNorm inputs"):    # the decoder concatenation 16 + 24 = 40
+        diffit.DiffiTUNet(input_size=8, channels=(16, 24), window=4, head_dim=8, groups=32)
 
 
 # ===================================================================================================

@@ -9,7 +9,7 @@ Code:  baofff/U-ViT (libs/uvit.py), read for names, shapes and constants only.
 What is inside:
     timestep_embedding          the time token: a D-dim sinusoid [cos | sin] (Sec. 3, "time as a token")
     PatchEmbed, Attention, Mlp  the ViT parts (SDPA attention, no qkv bias as in every released config)
-    Block                       pre-LN transformer block; out-blocks first fuse the long skip (Sec. 3.1, Eq. 1)
+    Block                       pre-LN transformer block; out-blocks first fuse the long skip (Sec. 3.1)
     UViT                        tokens [label, time, patches] + learned positions -> in-blocks -> mid-block
                                 -> out-blocks with long skips -> LN -> linear -> unpatchify -> optional 3x3 conv
     UViT_models                 the paper's sizes (Tab. 2) with the patch sizes of the released configs
@@ -98,7 +98,7 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
     """Pre-LN block. With skip=True (out-blocks) the long skip is fused first:
-    x <- Linear(concat[x, skip]) (Sec. 3.1, Eq. 1: the concatenation variant the paper keeps)."""
+    x <- Linear(concat[x, skip]) (Sec. 3.1: the concatenation variant the paper keeps)."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, skip=False):
         super().__init__()
@@ -161,7 +161,7 @@ class UViT(nn.Module):
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W), each token's vector ordered (p_row, p_col, channel)."""
         N, T, _ = x.shape
-        p, c, h = self.patch_size, self.out_channels, int(math.isqrt(x.shape[1]))
+        p, c, h = self.patch_size, self.out_channels, int(math.isqrt(T))
         x = x.reshape(N, h, h, p, p, c).permute(0, 5, 1, 3, 2, 4)    # (N, C, h, p, w, p)
         return x.reshape(N, c, h * p, h * p)
 
@@ -177,6 +177,10 @@ class UViT(nn.Module):
         time_token = self.time_embed(timestep_embedding(t, self.embed_dim).to(x.dtype)).unsqueeze(1)  # (N, 1, D)
         tokens = [time_token, x]
         if self.num_classes > 0:
+            if y is None:
+                null = f" (y = {self.num_classes} is the null label)" if self.class_dropout_prob > 0 else ""
+                raise ValueError(f"this U-ViT is class-conditional (num_classes={self.num_classes}): "
+                                 f"pass labels y{null}")
             if self.training and self.class_dropout_prob > 0:                       # label dropout (CFG)
                 drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
                 y = torch.where(drop, torch.full_like(y, self.num_classes), y)
