@@ -685,6 +685,12 @@ def main(argv=None):
         elif len(states) == world:
             torch.set_rng_state(states[rank])
     masked = getattr(model, "trains_with_mask", False) and args.mask_ratio > 0
+    if masked:   # a ratio that could keep no token: one line now, not a ValueError at some later step
+        mdt = importlib.import_module("mdt")
+        try:
+            mdt.check_mask_ratio(model, args.mask_ratio, 0.2 if isinstance(model, mdt.MDTv2) else 0.0)
+        except ValueError as e:
+            raise UserError(f"--mask-ratio: {e}")
     # a masking backbone run without its masked pass leaves the side block unused: DDP must be told
     unused = getattr(model, "trains_with_mask", False) and not masked
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
