@@ -1864,6 +1864,36 @@ def test_sample_flags_do_what_their_help_says(tmp_path, monkeypatch, one_step_ru
         sample.main(["--ckpt", one_step_run, "--cfg-channels", "5"])
 
 
+def test_quality_checks_json_and_sample_steps_before_training(tmp_path, monkeypatch, one_step_run):
+    import quality
+    forbid(monkeypatch, (quality, "train_classifier"), (train, "main"))
+    nodir = str(tmp_path / "nodir" / "q.json")
+    for argv, match in ((["--all", "--json", nodir], "does not exist"),
+                        (["--run", one_step_run, "--samplers", "ddim:2", "--json", nodir], "does not exist"),
+                        (["--all", "--sample-steps", "0"], "--sample-steps must be positive")):
+        with pytest.raises(train.UserError, match=match):
+            quality.main(argv)
+
+
+def test_quality_refuses_a_bad_samples_file_before_training_its_judge(tmp_path, monkeypatch):
+    import quality
+    digits = np.zeros((4, 8, 8, 1), np.uint8)
+    np.savez(tmp_path / "ok.npz", arr_0=digits, labels=np.arange(4))
+    x, y = quality.from_npz(str(tmp_path / "ok.npz"))
+    assert x.shape == (4, 1, 8, 8) and x.min() == -1 and y.tolist() == [0, 1, 2, 3]
+    forbid(monkeypatch, (quality, "train_classifier"))
+    bad = {"rgb.npz": dict(arr_0=np.zeros((4, 8, 8, 3), np.uint8), labels=np.arange(4)),
+           "nolabels.npz": dict(arr_0=digits), "float.npz": dict(arr_0=digits.astype(np.float32), labels=np.arange(4)),
+           "labels10.npz": dict(arr_0=digits, labels=np.array([0, 1, 2, 10]))}
+    for name, arrays in bad.items():
+        np.savez(tmp_path / name, **arrays)
+    (tmp_path / "text.npz").write_text("not an npz")
+    np.save(tmp_path / "plain.npy", digits)
+    for name in [*bad, "text.npz", "plain.npy"]:
+        with pytest.raises(train.UserError, match=name):
+            quality.main(["--samples", str(tmp_path / name)])
+
+
 def torchrun(script, *args, timeout=300):
     import socket
     with socket.socket() as s:
