@@ -1894,6 +1894,25 @@ def test_quality_refuses_a_bad_samples_file_before_training_its_judge(tmp_path, 
             quality.main(["--samples", str(tmp_path / name)])
 
 
+@pytest.mark.parametrize("bad,match", [
+    (["--device", "foo"], "--device foo"),
+    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "no such CUDA GPU"),
+    (["--objective", "foo"], "unknown --objective"),
+    (["--what", "trian"], "unknown --what trian"),
+    (["--mask-ratio", "1.5"], "--mask-ratio must be in"),
+    (["--json", "NODIR/b.json"], "does not exist"),
+])
+def test_bench_refuses_bad_flags_before_measuring(tmp_path, monkeypatch, bad, match):
+    forbid(monkeypatch, (bench, "bench_mode"))
+    with pytest.raises(train.UserError, match=match):
+        bench.main(["--tiny", "--json", str(tmp_path / "b.json")] + [a.replace("NODIR", str(tmp_path / "no")) for a in bad])
+
+
+def test_bench_bad_device_is_one_line_on_the_command_line():
+    r = run_cli("bench.py", "--device", "foo")                   # was a RuntimeError traceback
+    assert r.returncode == 2 and r.stderr.strip() == "error: --device foo: give cuda (or cuda:N) or cpu", r.stderr
+
+
 def torchrun(script, *args, timeout=300):
     import socket
     with socket.socket() as s:
