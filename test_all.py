@@ -1913,6 +1913,19 @@ def test_bench_bad_device_is_one_line_on_the_command_line():
     assert r.returncode == 2 and r.stderr.strip() == "error: --device foo: give cuda (or cuda:N) or cpu", r.stderr
 
 
+def test_extract_latents_checks_out_limit_and_workers_before_the_vae(tmp_path):
+    import extract_latents
+    data = make_imagenet_like(tmp_path / "d", 1)
+    (tmp_path / "file").write_text("not a folder")
+    ok = ["--data-path", str(data), "--vae", str(tmp_path / "no_vae")]   # the VAE would fail, but later
+    for bad, match in ((["--out", str(tmp_path / "file")], "--out"), (["--out", str(tmp_path / "file" / "sub")], "--out"),
+                       (["--out", str(tmp_path / "o"), "--limit", "-2"], "--limit must be positive"),
+                       (["--out", str(tmp_path / "o"), "--limit", "0"], "--limit must be positive"),
+                       (["--out", str(tmp_path / "o"), "--num-workers", "-1"], "--num-workers must be >= 0")):
+        with pytest.raises(extract_latents.UserError, match=match):
+            extract_latents.main(ok + bad)
+
+
 def torchrun(script, *args, timeout=300):
     import socket
     with socket.socket() as s:
