@@ -17,6 +17,7 @@ stdout and everything to --json.
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -32,6 +33,7 @@ from train import UserError
 
 # dense bf16 / tf32 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts), for MFU
 PEAKS = {"H100": (989.0, 494.5), "H200": (989.0, 494.5), "A100": (312.0, 156.0)}
+PARTS = ("train", "forward", "sample")
 
 
 def get_parser():
@@ -44,7 +46,7 @@ def get_parser():
     p.add_argument("--tiny", action="store_true", help="use the family's Tiny config on 8x8x1 inputs, batch 16 (CPU/CI)")
     p.add_argument("--modes", nargs="+", default=["fp32", "bf16", "bf16+compile"],
                    help="precision modes to run: fp32, bf16, bf16+compile, fp32+compile (default: the first three)")
-    p.add_argument("--what", nargs="+", default=["train", "forward", "sample"], help="parts to time (default: all)")
+    p.add_argument("--what", nargs="+", default=list(PARTS), help="parts to time: train, forward, sample (default: all)")
     p.add_argument("--sample-modes", nargs="+", default=None,
                    help="modes in which 'sample' is timed (default: every mode of --modes)")
     p.add_argument("--mask-ratio", type=float, default=0.3, help="masking backbones: masked-pass ratio (default: 0.3)")
@@ -211,7 +213,25 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.model not in train.FAMILIES:
         raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(train.FAMILIES)}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.objective not in train.OBJECTIVES:
+        raise UserError(f"unknown --objective {args.objective!r}; choose one of {', '.join(train.OBJECTIVES)}")
+    bad = [w for w in args.what if w not in PARTS]
+    if bad:
+        raise UserError(f"unknown --what {' '.join(bad)}; choose from {', '.join(PARTS)}")
+    if not 0 <= args.mask_ratio < 1:
+        raise UserError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise UserError(f"--device {args.device}: give cuda (or cuda:N) or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: no such CUDA GPU here ({torch.cuda.device_count()} available); "
+                        "use --device cpu")
+    folder = os.path.dirname(os.path.abspath(args.json))
+    if not os.path.isdir(folder):                                   # checked now: the JSON is written after each mode
+        raise UserError(f"--json {args.json}: the folder {folder} does not exist")
     if not 0 < args.memory_budget <= 1:
         raise UserError(f"--memory-budget must be in (0, 1], got {args.memory_budget}")
     for name in ("batch_size", "input_size", "in_channels", "num_classes", "steps", "repeats", "sample_batch",

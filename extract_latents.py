@@ -112,7 +112,7 @@ def get_parser():
                    "(default: stabilityai/sd-vae-ft-ema; the encoders of -ema and -mse are identical)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch and process (default: 64)")
     p.add_argument("--num-workers", type=int, default=4, help="data-loading workers per process (default: 4)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images (for a quick trial)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images, N > 0 (for a quick trial; default: all)")
     p.add_argument("--overwrite", action="store_true", help="start again even if OUT holds a finished extraction")
     return p
 
@@ -123,13 +123,22 @@ def main(argv=None):
         raise UserError(f"--image-size must be a positive multiple of 8, got {args.image_size}")
     if args.batch_size <= 0:
         raise UserError("--batch-size must be positive")
+    if args.limit is not None and args.limit <= 0:
+        raise UserError(f"--limit must be positive (leave it out for all images), got {args.limit}")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
     from train import init_distributed
     ddp, rank, world, device = init_distributed()
     dist = torch.distributed
     barrier = (lambda: dist.barrier()) if ddp else (lambda: None)
 
     items, classes = list_images(args.data_path)
-    items = items[: args.limit] if args.limit else items
+    items = items[: args.limit]
+    if rank == 0:                                  # the output folder, before the VAE loads
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {args.out}: cannot make this folder ({e.strerror or e})")
     N, h = len(items), args.image_size // 8
     meta_path = os.path.join(args.out, "meta.json")
     vae = load_vae(args.vae, device)
@@ -149,7 +158,6 @@ def main(argv=None):
                 raise UserError(f"{args.out} is already complete ({N} images); use --overwrite to redo it")
             meta = old
         else:
-            os.makedirs(args.out, exist_ok=True)
             np.lib.format.open_memmap(os.path.join(args.out, "moments.npy"), mode="w+", dtype=np.float16,
                                       shape=(N, 2, 2 * C, h, h)).flush()
             np.lib.format.open_memmap(os.path.join(args.out, "labels.npy"), mode="w+", dtype=np.int64, shape=(N,))[:] = -1

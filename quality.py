@@ -19,6 +19,7 @@ import os
 import shlex
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -90,9 +91,22 @@ def judge(net, samples, labels):
 
 
 def from_npz(path):
-    d = np.load(path)
-    x = torch.from_numpy(d["arr_0"]).float().permute(0, 3, 1, 2) / 127.5 - 1.0  # uint8 NHWC -> [-1, 1]
-    return x, torch.from_numpy(d["labels"])
+    """sample.py's .npz of digits (arr_0 uint8 (N, 8, 8, 1), labels int (N,) in 0..9) -> (x in [-1, 1], labels);
+    UserError for anything else, so that a bad file is refused before the judge is trained."""
+    try:
+        d = np.load(path)
+        if not isinstance(d, np.lib.npyio.NpzFile) or not {"arr_0", "labels"} <= set(d.files):
+            raise train.UserError(f"{path}: needs arr_0 (samples) and labels, as sample.py writes for a "
+                                  "class-conditional model")
+        a, labels = d["arr_0"], d["labels"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise train.UserError(f"{path}: not an .npz of sample.py ({str(e).strip().splitlines()[0][:120]})")
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1:] != (8, 8, 1) or len(a) < 2:
+        raise train.UserError(f"{path}: arr_0 must be uint8 N x 8 x 8 x 1 digits with N >= 2, got {a.dtype} {a.shape}")
+    if labels.shape != (len(a),) or labels.dtype.kind not in "iu" or not ((labels >= 0) & (labels < 10)).all():
+        raise train.UserError(f"{path}: labels must be {len(a)} integers in 0..9, got {labels.dtype} {labels.shape}")
+    x = torch.from_numpy(a).float().permute(0, 3, 1, 2) / 127.5 - 1.0  # uint8 NHWC -> [-1, 1]
+    return x, torch.from_numpy(labels.astype(np.int64))
 
 
 def evaluate_run(net, run_dir, cfg_scale, sampler=None, steps=None, n=360, seed=0):
@@ -102,7 +116,7 @@ def evaluate_run(net, run_dir, cfg_scale, sampler=None, steps=None, n=360, seed=
     argv = ["--ckpt", run_dir, "--out", out, "--num-samples", str(n), "--balanced", "--cfg-scale", str(cfg_scale),
             "--batch-size", str(n), "--seed", str(seed)]
     argv += ["--sampler", sampler] if sampler else []
-    argv += ["--sample-steps", str(steps)] if steps else []
+    argv += ["--sample-steps", str(steps)] if steps is not None else []
     t0 = time.time()
     sample.main(argv)
     x, y = from_npz(out)
@@ -187,9 +201,13 @@ def main(argv=None):
     p.add_argument("--json", default="quality.json", help="--all writes its table here (default: quality.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the classifier (default: 0)")
     args = p.parse_args(argv)
+    if args.all or args.run:                     # checked before any training: the table is written at the end
+        import sample
+        sample.require_folder(args.json, "--json")
     if args.all:
-        if args.steps is not None and args.steps <= 0:
-            raise train.UserError(f"--steps must be positive, got {args.steps}")
+        for name in ("steps", "sample_steps"):
+            if getattr(args, name) is not None and getattr(args, name) <= 0:
+                raise train.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         return evaluate_all(args)
     if args.run:
         if not args.samplers:
@@ -199,8 +217,8 @@ def main(argv=None):
         raise train.UserError("give --samples FILE.npz, --all, or --run DIR --samplers ...")
     if not os.path.isfile(args.samples):
         raise train.UserError(f"--samples {args.samples}: no such file")
+    x, y = from_npz(args.samples)                # a bad file is refused before the judge trains (minutes)
     net, acc_real = train_classifier(args.seed)
-    x, y = from_npz(args.samples)
     r = judge(net, x, y)
     print(json.dumps(dict(classifier_heldout_accuracy=round(acc_real, 4), n=len(x),
                           accuracy=round(r["accuracy"], 4), fd=round(r["fd"], 3), fd_floor=round(r["fd_floor"], 3))))

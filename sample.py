@@ -26,8 +26,9 @@ from train import UserError
 def get_parser():
     p = argparse.ArgumentParser(description="Sample images from a trained Diffusion Transformer.")
     p.add_argument("--ckpt", required=True, help="a checkpoint of train.py (or a run directory), or an official state dict")
-    p.add_argument("--out", default=None, help="output file: .png grid or .npz (default: grid.png beside the checkpoint's run)")
-    p.add_argument("--num-samples", type=int, default=None, help="number of samples (default: 4 per class up to 40 for grids)")
+    p.add_argument("--out", default=None, help="output file: .png grid or .npz (default: grid.png in the current folder)")
+    p.add_argument("--num-samples", type=int, default=None, help="number of samples (default: 4 per class up to 40, "
+                   "40 for an unconditional model)")
     p.add_argument("--class-labels", type=int, nargs="+", default=None, help="labels to sample (repeated to --num-samples)")
     p.add_argument("--balanced", action="store_true", help="class-balanced labels for .npz (default: uniform random, as ADM/DiT)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward batch (default: 64)")
@@ -38,10 +39,8 @@ def get_parser():
                    "per batch, so it pays for its compile time on large sample sets (same math)")
     p.add_argument("--vae", default=None, help="VAE to decode latents, diffusers id or local path (default: the one "
                    "the training latents were made with, else stabilityai/sd-vae-ft-ema)")
-    p.add_argument("--model", default=None, help="official files only: backbone family (default: read off the keys)")
     p.add_argument("--size", default=None, help="official files only: registry name (default: read off the shapes)")
     p.add_argument("--objective", default=None, help="official files only: ddpm or sit (default: from the file name)")
-    p.add_argument("--num-classes", type=int, default=1000, help="official files only: number of classes (default: 1000)")
     train.add_sampling_args(p)
     return p
 
@@ -69,11 +68,20 @@ OFFICIAL = {
     "DiffiT-256": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(4.4, 4.4), cfg_channels=3, scale_pow=4.0)),
     "DiffiT-512": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(1.49, 4.0), cfg_channels=3)),
 }
+GUIDANCE = ("cfg_scale", "cfg_channels", "scale_pow")   # the settings above that need a null label
+
+
+def given_flags(argv):
+    """The dests of the flags on the command line, read by argparse itself (--cfg-scale=2, abbreviations)."""
+    p = get_parser()
+    for a in p._actions:
+        a.default, a.required = argparse.SUPPRESS, False
+    return set(vars(p.parse_args(argv)))
 
 
 def apply_paper_settings(args, settings, argv, npz):
     """Fill the sampling flags the user did not give with the paper's settings; say what was used."""
-    given = {a.dest for a in get_parser()._actions if any(o in argv for o in a.option_strings)}
+    given = given_flags(argv)
     used = {}
     for k, v in settings.items():
         if k not in given:
@@ -153,8 +161,8 @@ def recognise_official(sd, args, path):
     return model_cfg, obj, settings
 
 
-def load_for_sampling(args):
-    """-> (model in eval mode, objective, objective name, data kind)."""
+def read_checkpoint(args):
+    """-> (weights, model config, objective config, data kind); the model is built once the flags are checked."""
     ckpt = train.load_checkpoint(args.ckpt)
     if "config" in ckpt:                                    # ours
         model_cfg, obj_cfg = ckpt["config"]["model"], ckpt["config"]["objective"]
@@ -162,62 +170,71 @@ def load_for_sampling(args):
         kind = ckpt["config"]["data"]["kind"]
         if args.vae is None and (ckpt["config"]["data"].get("meta") or {}).get("vae"):
             args.vae = ckpt["config"]["data"]["meta"]["vae"]
-        if args.cfg_scale not in (None, 1.0) and model_cfg["class_dropout_prob"] == 0:
-            raise UserError("this model was trained without label dropout, so it has no null label: "
-                            "classifier-free guidance is impossible; use --cfg-scale 1")
     else:                                                   # an official plain state dict
         weights = ckpt.get("ema", ckpt.get("model", ckpt))
         model_cfg, obj_cfg, settings = recognise_official(weights, args, args.ckpt)
         model_cfg["paper_settings"] = settings
         kind = "latents" if model_cfg["in_channels"] == 4 else "images"
-    model = train.build_model(model_cfg)
-    train.load_weights(model, weights, args.ckpt)
-    return model.eval(), train.build_objective(obj_cfg), obj_cfg["name"], kind, model_cfg
+    return weights, model_cfg, obj_cfg, kind
 
 
-def decode_latents(z, vae_id, device):
-    """SD-VAE decode z / 0.18215 -> images in [-1, 1]."""
+def load_vae(vae_id, device):
+    """The SD VAE that decodes latents, loaded before any sampling: a bad --vae fails at once."""
     try:
         from diffusers.models import AutoencoderKL
     except ImportError:
         raise UserError("decoding latents needs diffusers: pip install diffusers")
-    if not hasattr(decode_latents, "vae"):
-        decode_latents.vae = AutoencoderKL.from_pretrained(vae_id).to(device).eval()
-    with torch.no_grad():
-        return decode_latents.vae.decode(z / 0.18215).sample
+    try:
+        return AutoencoderKL.from_pretrained(vae_id).to(device).eval()
+    except Exception as e:
+        raise UserError(f"cannot load the VAE {vae_id!r} (--vae): {str(e).strip().splitlines()[0][:200]}")
+
+
+def require_folder(path, flag):
+    """UserError unless the folder that is to hold `path` exists: checked before the expensive work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = get_parser().parse_args(argv)
     out = args.out or "grid.png"
     ext = os.path.splitext(out)[1]
     npz = ext == ".npz"                                                      # exactly: x.NPZ is no npz
     if not npz and ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--out {args.out}: give a .npz (samples for FID) or a .png/.jpg (a grid)")
-    model, objective, obj_name, kind, cfg = load_for_sampling(args)
+    require_folder(out, "--out")
+    weights, cfg, obj_cfg, kind = read_checkpoint(args)
+    objective, obj_name = train.build_objective(obj_cfg), obj_cfg["name"]
     args.vae = args.vae or "stabilityai/sd-vae-ft-ema"
-    if cfg.get("official"):
-        apply_paper_settings(args, cfg["paper_settings"], sys.argv[1:] if argv is None else argv, npz)
+    n_cls, C, H = cfg["num_classes"], cfg["in_channels"], cfg["input_size"]
+    no_null = cfg["class_dropout_prob"] == 0             # no null label (an unconditional model has none either)
+    if cfg.get("official"):                              # the paper's guidance only where the model can be guided
+        settings = {k: v for k, v in cfg["paper_settings"].items() if not (no_null and k in GUIDANCE)}
+        apply_paper_settings(args, settings, argv, npz)
+    if no_null:
+        if args.cfg_scale not in (None, 1.0):
+            raise UserError("this model is unconditional: classifier-free guidance does not apply; leave out --cfg-scale"
+                            if n_cls == 0 else "this model was trained without label dropout, so it has no null label: "
+                            "classifier-free guidance is impossible; use --cfg-scale 1")
+        args.cfg_scale = 1.0
     args.class_dropout, args.model, args.objective = cfg["class_dropout_prob"], cfg["family"], obj_name
     args = train.resolve_args(args, "digits" if kind == "digits" else "official")
     if args.batch_size <= 0:
         raise UserError("--batch-size must be positive")
-    ddp, rank, world, device = train.init_distributed()   # torchrun: each process samples every world-th chunk
-    dist = torch.distributed
-    torch.backends.cuda.matmul.allow_tf32 = True
-    model.to(device)
-    if args.precision == "bf16":
-        train.bf16_weights(model)                              # same outputs as autocast alone, less traffic
-    net = model
-    if args.compile:                                           # the graph is reused by every step of every chunk
-        train.require_compiler(device, "sample without --compile")
-        net = torch.compile(model)
-    n_cls, C, H = cfg["num_classes"], cfg["in_channels"], cfg["input_size"]
+    if args.cfg_channels is not None and args.cfg_channels > C:
+        raise UserError(f"--cfg-channels {args.cfg_channels} is more than the model's {C} channels")
     n = args.num_samples if args.num_samples is not None else (len(args.class_labels) if args.class_labels
-                                                                else min(4 * n_cls, 40))
+                                                                else min(4 * n_cls, 40) if n_cls else 40)
     if n <= 0:
         raise UserError("--num-samples must be positive")
-    if args.class_labels:
+    if n_cls == 0:                            # unconditional: the model ignores y
+        if args.class_labels:
+            raise UserError("this model is unconditional: it takes no --class-labels")
+        y = torch.zeros(n, dtype=torch.long)
+    elif args.class_labels:
         bad = [c for c in args.class_labels if not 0 <= c < n_cls]
         if bad:
             raise UserError(f"class labels {bad} are outside [0, {n_cls})")
@@ -226,6 +243,20 @@ def main(argv=None):
         y = torch.randint(0, n_cls, (n,), generator=torch.Generator().manual_seed(args.seed))
     else:
         y = torch.arange(n) % n_cls           # class-balanced
+    model = train.build_model(cfg)                       # after the checks above: an XL model takes a while on CPU
+    train.load_weights(model, weights, args.ckpt)
+    model.eval()
+    ddp, rank, world, device = train.init_distributed()   # torchrun: each process samples every world-th chunk
+    dist = torch.distributed
+    vae = load_vae(args.vae, device) if kind == "latents" else None
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model.to(device)
+    if args.precision == "bf16":
+        train.bf16_weights(model)                              # same outputs as autocast alone, less traffic
+    net = model
+    if args.compile:                                           # the graph is reused by every step of every chunk
+        train.require_compiler(device, "sample without --compile")
+        net = torch.compile(model)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else torch.autocast(device.type, enabled=False)
     # Chunk c of batch-size samples draws its noise from seed (args.seed, c): the samples do not depend on
     # the number of processes, and no process holds all the noise.
@@ -241,8 +272,9 @@ def main(argv=None):
         with amp:
             x = train.sample_images(objective, net, z.to(device), y[i:i + b].to(device), obj_name, args,
                                     progress=sys.stderr.isatty() and rank == 0)
-        if kind == "latents":
-            x = decode_latents(x.float(), args.vae, device)
+        if vae is not None:
+            with torch.no_grad():
+                x = vae.decode(x.float() / 0.18215).sample          # SD-VAE decode -> images in [-1, 1]
         chunks.append(x.float().cpu())
     x = torch.cat(chunks) if chunks else torch.zeros(0)
     if ddp:                                   # gather on rank 0 through part files next to the output
@@ -266,18 +298,19 @@ def main(argv=None):
     if npz:
         # ADM/DiT conversion: clamp(127.5 x + 128, 0, 255) then truncate to uint8; NHWC
         arr = (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        np.savez(out, arr_0=arr, labels=y.numpy().astype(np.int64))
+        np.savez(out, arr_0=arr, **(dict(labels=y.numpy().astype(np.int64)) if n_cls else {}))
         with open(os.path.splitext(out)[0] + ".json", "w") as f:
             json.dump(dict(ckpt=os.path.abspath(args.ckpt), ema=not args.no_ema, objective=obj_name, sampler=args.sampler,
                            steps=args.sample_steps, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
                            scale_pow=args.scale_pow, guidance_interval=args.guidance_interval,
-                           labels="given" if args.class_labels else ("balanced" if args.balanced else "random"),
+                           labels="none" if n_cls == 0 else "given" if args.class_labels else
+                           ("balanced" if args.balanced else "random"),
                            seed=args.seed, num_samples=n, vae=args.vae if kind == "latents" else None,
                            precision=args.precision, compile=args.compile), f, indent=1)
-        print(f"wrote {out}: arr_0 {arr.shape} uint8, labels {y.shape}")
+        print(f"wrote {out}: arr_0 {arr.shape} uint8, " + (f"labels {y.shape}" if n_cls else "no labels (unconditional)"))
     else:
         train.save_grid(x, out, nrow=10 if n_cls == 10 else max(1, int(math.sqrt(n))))
-        print(f"wrote {out}: {n} samples, labels {y.tolist()[:20]}{' ...' if n > 20 else ''}")
+        print(f"wrote {out}: {n} samples" + (f", labels {y.tolist()[:20]}{' ...' if n > 20 else ''}" if n_cls else ""))
     return out
 
 

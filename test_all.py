@@ -2007,6 +2007,142 @@ def test_quality_all_cli(tmp_path, digit_judge, monkeypatch):
     assert json.load(open(tmp_path / "q.json"))["rows"] == rows
     assert all(0 <= r["acc_cfg2.0"] <= 1 and r["fd_cfg1.0"] > 0 and r["fd_floor"] > 0 for r in rows)
 
+
+# ---------------------------------------------------------------------------------------------------
+# sample.py / quality.py / bench.py / extract_latents.py: bad input is a one-line error, given before the
+# expensive work (sampling, training, timing, the VAE) that a later check would have thrown away
+# ---------------------------------------------------------------------------------------------------
+
+def forbid(monkeypatch, *targets):
+    """Make each (module, name) fail the test when called: the checks under test must come before it."""
+    def called(*a, **kw):
+        raise AssertionError("the expensive work started before the inputs were checked")
+    for module, name in targets:
+        monkeypatch.setattr(module, name, called)
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    return train.main(QUICK + ["--results-dir", str(tmp_path_factory.mktemp("runs")), "--steps", "1"])
+
+
+def test_sample_paper_settings_yield_to_flags_in_any_argparse_spelling():
+    # the given flags are the ones argparse reads: --flag=value and abbreviations count (string matching missed them)
+    import sample
+    argv = ["--ckpt", "x.pt", "--cfg-scale=2", "--sample-st", "7", "--cfg-ch=1"]
+    args = sample.get_parser().parse_args(argv)
+    sample.apply_paper_settings(args, sample.OFFICIAL["DiT"][1], argv, npz=True)
+    assert (args.sampler, args.sample_steps, args.cfg_scale, args.cfg_channels) == ("ddpm", 7, 2.0, 1)
+
+
+def test_sample_checks_the_out_folder_and_the_vae_before_sampling(tmp_path, monkeypatch, one_step_run):
+    import sample
+    forbid(monkeypatch, (train, "sample_images"))
+    for name in ("a.png", "a.npz"):
+        with pytest.raises(train.UserError, match="does not exist"):
+            sample.main(["--ckpt", one_step_run, "--out", str(tmp_path / "nodir" / name)])
+    ck = torch.load(os.path.join(one_step_run, "checkpoints", "last.pt"), weights_only=True)
+    ck["config"]["data"]["kind"] = "latents"                 # as a run on latents: its samples go through the VAE
+    torch.save(ck, tmp_path / "latent.pt")
+    with pytest.raises(train.UserError, match="cannot load the VAE"):
+        sample.main(["--ckpt", str(tmp_path / "latent.pt"), "--vae", str(tmp_path / "no_vae"),
+                     "--out", str(tmp_path / "s.npz")])
+
+
+def test_sample_unconditional_official_uvit(tmp_path):
+    """An unconditional U-ViT file (no label_emb, as U-ViT-S/2 CIFAR-10) samples without labels and without
+    the paper's guidance; asking for guidance or labels is a one-line error."""
+    import sample
+    import unet_vit
+    torch.manual_seed(0)                       # random weights on the shapes (faster than the init of 44M parameters)
+    sd = meta_model(unet_vit.UViT_models, "U-ViT-S/2", input_size=4, in_channels=3, num_classes=0).state_dict()
+    path = str(tmp_path / "cifar10_uvit_small.pth")                                   # 3 channels: no VAE
+    torch.save({k: 0.02 * torch.randn(v.shape) for k, v in sd.items()}, path)
+    d = np.load(sample.main(["--ckpt", path, "--sample-steps", "2", "--out", str(tmp_path / "s.npz")]))
+    assert d["arr_0"].shape == (40, 4, 4, 3) and "labels" not in d.files          # default: 40 samples
+    meta = json.load(open(tmp_path / "s.json"))
+    assert meta["cfg_scale"] == 1.0 and meta["labels"] == "none"
+    for bad in (["--cfg-scale", "2"], ["--class-labels", "1"]):
+        with pytest.raises(train.UserError, match="unconditional"):
+            sample.main(["--ckpt", path, "--out", str(tmp_path / "x.png")] + bad)
+
+
+def test_sample_flags_do_what_their_help_says(tmp_path, monkeypatch, one_step_run):
+    import sample
+    monkeypatch.chdir(tmp_path)                               # the default --out is grid.png in the current folder
+    sample.main(["--ckpt", one_step_run, "--sample-steps", "1", "--num-samples", "2"])
+    assert os.listdir(tmp_path) == ["grid.png"]
+    assert "grid.png in the current folder" in next(a.help for a in sample.get_parser()._actions if a.dest == "out")
+    for dead in ("--num-classes", "--model"):                 # never read: removed
+        with pytest.raises(SystemExit):
+            sample.get_parser().parse_args(["--ckpt", "x.pt", dead, "5"])
+    forbid(monkeypatch, (train, "sample_images"))
+    with pytest.raises(train.UserError, match="--cfg-channels 5 is more than the model's 1 channels"):
+        sample.main(["--ckpt", one_step_run, "--cfg-channels", "5"])
+
+
+def test_quality_checks_json_and_sample_steps_before_training(tmp_path, monkeypatch, one_step_run):
+    import quality
+    forbid(monkeypatch, (quality, "train_classifier"), (train, "main"))
+    nodir = str(tmp_path / "nodir" / "q.json")
+    for argv, match in ((["--all", "--json", nodir], "does not exist"),
+                        (["--run", one_step_run, "--samplers", "ddim:2", "--json", nodir], "does not exist"),
+                        (["--all", "--sample-steps", "0"], "--sample-steps must be positive")):
+        with pytest.raises(train.UserError, match=match):
+            quality.main(argv)
+
+
+def test_quality_refuses_a_bad_samples_file_before_training_its_judge(tmp_path, monkeypatch):
+    import quality
+    digits = np.zeros((4, 8, 8, 1), np.uint8)
+    np.savez(tmp_path / "ok.npz", arr_0=digits, labels=np.arange(4))
+    x, y = quality.from_npz(str(tmp_path / "ok.npz"))
+    assert x.shape == (4, 1, 8, 8) and x.min() == -1 and y.tolist() == [0, 1, 2, 3]
+    forbid(monkeypatch, (quality, "train_classifier"))
+    bad = {"rgb.npz": dict(arr_0=np.zeros((4, 8, 8, 3), np.uint8), labels=np.arange(4)),
+           "nolabels.npz": dict(arr_0=digits), "float.npz": dict(arr_0=digits.astype(np.float32), labels=np.arange(4)),
+           "labels10.npz": dict(arr_0=digits, labels=np.array([0, 1, 2, 10]))}
+    for name, arrays in bad.items():
+        np.savez(tmp_path / name, **arrays)
+    (tmp_path / "text.npz").write_text("not an npz")
+    np.save(tmp_path / "plain.npy", digits)
+    for name in [*bad, "text.npz", "plain.npy"]:
+        with pytest.raises(train.UserError, match=name):
+            quality.main(["--samples", str(tmp_path / name)])
+
+
+@pytest.mark.parametrize("bad,match", [
+    (["--device", "foo"], "--device foo"),
+    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "no such CUDA GPU"),
+    (["--objective", "foo"], "unknown --objective"),
+    (["--what", "trian"], "unknown --what trian"),
+    (["--mask-ratio", "1.5"], "--mask-ratio must be in"),
+    (["--json", "NODIR/b.json"], "does not exist"),
+])
+def test_bench_refuses_bad_flags_before_measuring(tmp_path, monkeypatch, bad, match):
+    forbid(monkeypatch, (bench, "bench_mode"))
+    with pytest.raises(train.UserError, match=match):
+        bench.main(["--tiny", "--json", str(tmp_path / "b.json")] + [a.replace("NODIR", str(tmp_path / "no")) for a in bad])
+
+
+def test_bench_bad_device_is_one_line_on_the_command_line():
+    r = run_cli("bench.py", "--device", "foo")                   # was a RuntimeError traceback
+    assert r.returncode == 2 and r.stderr.strip() == "error: --device foo: give cuda (or cuda:N) or cpu", r.stderr
+
+
+def test_extract_latents_checks_out_limit_and_workers_before_the_vae(tmp_path):
+    import extract_latents
+    data = make_imagenet_like(tmp_path / "d", 1)
+    (tmp_path / "file").write_text("not a folder")
+    ok = ["--data-path", str(data), "--vae", str(tmp_path / "no_vae")]   # the VAE would fail, but later
+    for bad, match in ((["--out", str(tmp_path / "file")], "--out"), (["--out", str(tmp_path / "file" / "sub")], "--out"),
+                       (["--out", str(tmp_path / "o"), "--limit", "-2"], "--limit must be positive"),
+                       (["--out", str(tmp_path / "o"), "--limit", "0"], "--limit must be positive"),
+                       (["--out", str(tmp_path / "o"), "--num-workers", "-1"], "--num-workers must be >= 0")):
+        with pytest.raises(extract_latents.UserError, match=match):
+            extract_latents.main(ok + bad)
+
+
 def torchrun(script, *args, timeout=300):
     import socket
     with socket.socket() as s:
