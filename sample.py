@@ -71,17 +71,9 @@ OFFICIAL = {
 GUIDANCE = ("cfg_scale", "cfg_channels", "scale_pow")   # the settings above that need a null label
 
 
-def given_flags(argv):
-    """The dests of the flags on the command line, read by argparse itself (--cfg-scale=2, abbreviations)."""
-    p = get_parser()
-    for a in p._actions:
-        a.default, a.required = argparse.SUPPRESS, False
-    return set(vars(p.parse_args(argv)))
-
-
 def apply_paper_settings(args, settings, argv, npz):
     """Fill the sampling flags the user did not give with the paper's settings; say what was used."""
-    given = given_flags(argv)
+    given = train.given_flags(get_parser(), argv)   # exact: --cfg-scale=2 and abbreviations too
     used = {}
     for k, v in settings.items():
         if k not in given:

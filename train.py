@@ -101,7 +101,7 @@ def add_sampling_args(p):
     p.add_argument("--sampler", default=None, help="ddpm: ddpm, ddim, dpm++; sit: ode-euler, ode-heun, ode-dopri5, "
                    "sde-euler, sde-heun (default: ddpm / sde-euler, the papers' samplers)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default: 250 official, 50 on digits)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale w, 1 = off (default: 4.0 for grids)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale w, 1 = off (default: 4.0 for grids; 1 for a model without a null label)")
     p.add_argument("--cfg-channels", type=int, default=None, help="guide only the first K channels (3 = the official DiT/MDT quirk; default: all)")
     p.add_argument("--scale-pow", type=float, default=None, help="power-cosine guidance schedule exponent (MDT/DiffiT use 4; default: constant)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
@@ -153,7 +153,7 @@ def given_flags(parser, argv):
     """The dests set on the command line, exactly (--flag=value and abbreviations included): argv parsed again
     with every default suppressed, so only what was given lands in the namespace."""
     for a in parser._actions:
-        a.default = argparse.SUPPRESS
+        a.default, a.required = argparse.SUPPRESS, False
     return set(vars(parser.parse_args(argv)))
 
 
