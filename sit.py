@@ -86,6 +86,8 @@ def guided_model(model, x, t, y, w, cfg_channels=None, model_kwargs=None):
     kw = model_kwargs or {}
     if w == 1.0:
         return model(x, t, y, **kw)
+    if getattr(model, "class_dropout_prob", None) == 0:       # our backbones keep a null row only with dropout
+        raise ValueError("guidance (w != 1) needs a model trained with label dropout: this one has no null label")
     null = torch.full_like(y, model.num_classes)
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **kw)
     cond, uncond = out.chunk(2)

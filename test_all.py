@@ -466,6 +466,15 @@ def test_ddpm_sampler_step_counts():
         D.sample(counting, z, y, steps=0, sampler="dpm++")
 
 
+
+def test_guidance_refuses_a_model_without_a_null_label():
+    m = dit.DiT_models["DiT-Tiny/2"](input_size=8, in_channels=1, num_classes=10, class_dropout_prob=0.0).eval()
+    z, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    for sample in (lambda: ddpm.GaussianDiffusion().sample(m, z, y, steps=2, cfg_scale=4.0),
+                   lambda: sit.Transport().sample(m, z, y, method="ode", num_steps=2, cfg_scale=4.0)):
+        with pytest.raises(ValueError, match="no null label"):
+            sample()
+
 def test_ddpm_loss_refuses_a_model_without_the_variance_channels():
     D = ddpm.GaussianDiffusion(learn_sigma=True)
     x = torch.randn(2, 4, 4, 4)
