@@ -701,6 +701,8 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     (["--image-size", "0", "--data", "/nonexistent/folder"], "--image-size must be positive"),
     (["--image-size", "16"], "resizes an image folder"),
     (["--model", "mdt", "--mask-ratio", "0.75"], "--mask-ratio: mask_ratio 0.75 is invalid"),   # 16 tokens: <= 0.7375
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+    (["--scale-pow", "inf"], "--scale-pow must be a finite number"),
 ])
 def test_train_user_errors(tmp_path, argv, match):
     with pytest.raises(train.UserError, match=match):

@@ -209,6 +209,9 @@ def resolve_args(args, preset):
         raise UserError(f"--guidance-interval LO HI needs 0 <= LO <= HI <= 1, got {gi[0]} {gi[1]}")
     if getattr(args, "cfg_channels", None) is not None and args.cfg_channels <= 0:
         raise UserError(f"--cfg-channels must be positive (leave it out to guide every channel), got {args.cfg_channels}")
+    for name in ("cfg_scale", "scale_pow"):                  # a NaN would give NaN grids, not an error
+        if getattr(args, name, None) is not None and not math.isfinite(getattr(args, name)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
     if args.cfg_scale != 1 and args.class_dropout == 0:
         raise UserError("guidance (--cfg-scale != 1) needs a model trained with label dropout; "
                         "set --cfg-scale 1 or --class-dropout > 0")
