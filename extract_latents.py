@@ -158,12 +158,16 @@ def main(argv=None):
                 raise UserError(f"{args.out} is already complete ({N} images); use --overwrite to redo it")
             meta = old
         else:
-            np.lib.format.open_memmap(os.path.join(args.out, "moments.npy"), mode="w+", dtype=np.float16,
-                                      shape=(N, 2, 2 * C, h, h)).flush()
-            np.lib.format.open_memmap(os.path.join(args.out, "labels.npy"), mode="w+", dtype=np.int64, shape=(N,))[:] = -1
-            with open(os.path.join(args.out, "files.txt"), "w") as f:
-                f.write("\n".join(p for p, _ in items) + "\n")
-            write_json(meta, meta_path)
+            try:    # a read-only folder or a full disk: one line, not a traceback
+                np.lib.format.open_memmap(os.path.join(args.out, "moments.npy"), mode="w+", dtype=np.float16,
+                                          shape=(N, 2, 2 * C, h, h)).flush()
+                np.lib.format.open_memmap(os.path.join(args.out, "labels.npy"), mode="w+", dtype=np.int64,
+                                          shape=(N,))[:] = -1
+                with open(os.path.join(args.out, "files.txt"), "w") as f:
+                    f.write("\n".join(p for p, _ in items) + "\n")
+                write_json(meta, meta_path)
+            except OSError as e:
+                raise UserError(f"--out {args.out}: cannot write the latent files ({e.strerror or e})")
     barrier()
     meta = json.load(open(meta_path))
     moments = np.load(os.path.join(args.out, "moments.npy"), mmap_mode="r+")

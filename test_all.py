@@ -2190,6 +2190,14 @@ def test_torchrun_trains_mdt_with_and_without_the_masked_pass(tmp_path, mask_rat
     assert torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["step"] == 2
 
 
+
+def test_extract_latents_unwritable_files_are_a_user_error(tmp_path, tiny_vae):
+    import extract_latents
+    os.makedirs(tmp_path / "out" / "moments.npy")              # a folder where the file goes: an OSError, as root too
+    with pytest.raises(extract_latents.UserError, match="cannot write the latent files"):
+        extract_latents.main(["--data-path", str(make_imagenet_like(tmp_path / "d", 1)), "--image-size", "32",
+                              "--vae", tiny_vae[0], "--num-workers", "0", "--out", str(tmp_path / "out")])
+
 def test_extract_latents_with_torchrun_equals_one_process(tmp_path, tiny_vae):
     vae_path, _ = tiny_vae
     data = make_imagenet_like(tmp_path / "imagenet")
