@@ -692,7 +692,7 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     (["--steps", "0"], "--steps must be positive"),
     (["--batch-size", "-4"], "--batch-size must be positive"),
     (["--data", "/nonexistent/folder"], "no such folder"),
-    (["--class-dropout", "0"], "needs a model trained with label dropout"),
+    (["--class-dropout", "0", "--cfg-scale", "4"], "needs a model trained with label dropout"),
     (["--batch-size", "5000"], "fewer than --batch-size"),
     (["--betas", "0.9", "1.5"], "--betas must be in"),
     (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
@@ -708,6 +708,12 @@ def test_train_user_errors(tmp_path, argv, match):
     with pytest.raises(train.UserError, match=match):
         train.main(QUICK + ["--results-dir", str(tmp_path)] + argv)
 
+
+
+def test_no_label_dropout_draws_its_grids_without_guidance(tmp_path):
+    run = train.main(QUICK + ["--results-dir", str(tmp_path), "--class-dropout", "0", "--steps", "1",
+                              "--sample-every", "1", "--sample-steps", "2"])
+    assert os.path.isfile(os.path.join(run, "samples", "0000001.png"))
 
 # --- resume and user-error guarantees (README, "Checkpoints, resume, errors") ----------------------------------------
 

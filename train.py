@@ -179,8 +179,8 @@ def resolve_args(args, preset):
     if args.sampler not in SAMPLERS[args.objective]:
         raise UserError(f"sampler {args.sampler!r} does not fit --objective {args.objective}; choose one of "
                         f"{', '.join(SAMPLERS[args.objective])}")
-    if args.cfg_scale is None:
-        args.cfg_scale = 4.0
+    if args.cfg_scale is None:                                 # no label dropout, no null label: no guidance
+        args.cfg_scale = 4.0 if args.class_dropout > 0 else 1.0
     for name in ("steps", "batch_size", "log_every", "sample_steps"):
         if getattr(args, name, None) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
