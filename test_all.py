@@ -952,6 +952,13 @@ def test_official_dit_state_dict_is_recognised(tmp_path):
     path = official_like(tmp_path, "DiT-S-8-128x128.pt", m)
     out = sample.main(["--ckpt", path, "--out", str(tmp_path / "g.png"), "--sample-steps", "3", "--num-samples", "4"])
     assert os.path.exists(out)
+    # a training checkpoint of the official DiT train.py: model, ema, opt and its argparse Namespace
+    import argparse
+    sd = m.state_dict()
+    torch.save(dict(model=sd, ema=sd, opt={}, args=argparse.Namespace(model="DiT-S/8", image_size=128)),
+               tmp_path / "0400000.pt")
+    assert os.path.exists(sample.main(["--ckpt", str(tmp_path / "0400000.pt"), "--out", str(tmp_path / "h.png"),
+                                       "--sample-steps", "3", "--num-samples", "4"]))
 
 
 def test_torchrun_two_processes_equal_one(tmp_path):

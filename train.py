@@ -330,8 +330,11 @@ def load_checkpoint(path):
         path = os.path.join(path, "checkpoints", "last.pt")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    # the official DiT/SiT/MDT training scripts save their argparse Namespace beside the weights (torch >= 2.5)
+    safe = getattr(torch.serialization, "safe_globals", None)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with safe([argparse.Namespace]) if safe else nullcontext():
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {str(e).splitlines()[0][:200]}")
     if not isinstance(ckpt, dict):
