@@ -330,7 +330,7 @@ def load_checkpoint(path):
         path = os.path.join(path, "checkpoints", "last.pt")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
-    # the official DiT/SiT/MDT training scripts save their argparse Namespace beside the weights (torch >= 2.5)
+    # the official DiT train.py saves its argparse Namespace beside the weights (allowed from torch 2.5)
     safe = getattr(torch.serialization, "safe_globals", None)
     try:
         with safe([argparse.Namespace]) if safe else nullcontext():
