@@ -284,7 +284,8 @@ class GaussianDiffusion:
         """Draw samples starting from noise z (N, C, H, W) with labels y (N,).
         sampler: 'ddpm' (ancestral, iDDPM's learned variance; the DiT default with steps=250),
                  'ddim' (eta = 0 deterministic; DDIM Eq. 12), 'dpm++' (DPM-Solver++(2M), ~20-50 steps).
-        steps: model evaluations (default 250; 25 for dpm++); ddim also takes "ddimN" (an integer stride)."""
+        steps: model evaluations (default 250; 25 for dpm++); ddim also takes "ddimN" (an integer stride).
+        eta and clip_denoised apply to ddpm/ddim only."""
         if sampler == "dpm++":
             return self.sample_dpmpp(model, z, y, 25 if steps is None else steps, cfg_scale, cfg_channels, scale_pow, guidance_interval,
                                      model_kwargs, progress)
