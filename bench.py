@@ -17,7 +17,6 @@ stdout and everything to --json.
 """
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -229,9 +228,7 @@ def main(argv=None):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {args.device}: no such CUDA GPU here ({torch.cuda.device_count()} available); "
                         "use --device cpu")
-    folder = os.path.dirname(os.path.abspath(args.json))
-    if not os.path.isdir(folder):                                   # checked now: the JSON is written after each mode
-        raise UserError(f"--json {args.json}: the folder {folder} does not exist")
+    train.require_folder(args.json, "--json")                       # checked now: the JSON is written after each mode
     if not 0 < args.memory_budget <= 1:
         raise UserError(f"--memory-budget must be in (0, 1], got {args.memory_budget}")
     for name in ("batch_size", "input_size", "in_channels", "num_classes", "steps", "repeats", "sample_batch",

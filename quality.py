@@ -202,8 +202,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the classifier (default: 0)")
     args = p.parse_args(argv)
     if args.all or args.run:                     # checked before any training: the table is written at the end
-        import sample
-        sample.require_folder(args.json, "--json")
+        train.require_folder(args.json, "--json")
     if args.all:
         for name in ("steps", "sample_steps"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:

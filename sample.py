@@ -182,13 +182,6 @@ def load_vae(vae_id, device):
         raise UserError(f"cannot load the VAE {vae_id!r} (--vae): {str(e).strip().splitlines()[0][:200]}")
 
 
-def require_folder(path, flag):
-    """UserError unless the folder that is to hold `path` exists: checked before the expensive work."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_parser().parse_args(argv)
@@ -197,7 +190,7 @@ def main(argv=None):
     npz = ext == ".npz"                                                      # exactly: x.NPZ is no npz
     if not npz and ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--out {args.out}: give a .npz (samples for FID) or a .png/.jpg (a grid)")
-    require_folder(out, "--out")
+    train.require_folder(out, "--out")
     weights, cfg, obj_cfg, kind = read_checkpoint(args)
     objective, obj_name = train.build_objective(obj_cfg), obj_cfg["name"]
     args.vae = args.vae or "stabilityai/sd-vae-ft-ema"

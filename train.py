@@ -324,6 +324,13 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def require_folder(path, flag):
+    """UserError unless the folder that is to hold `path` exists: checked before the expensive work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+
+
 def load_checkpoint(path):
     """torch.load with weights_only=True; UserError for missing, truncated or foreign files."""
     if os.path.isdir(path):
