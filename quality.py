@@ -3,7 +3,7 @@ Sample quality on the embedded 8x8 digits: does a trained model generate the dig
 
     python quality.py --samples s.npz          # judge samples written by sample.py (labels inside the npz)
     python quality.py --all                    # train every backbone x objective, sample, judge, print the table
-                                               # (train.py's digits budget: 2000 steps, U-ViT 4000)
+                                               # (train.py's digits budget: 2000 steps, DiT 1500, U-ViT 4000)
     python quality.py --run RUN_DIR --samplers ddpm:250 ddim:50   # one trained run, several samplers
 
 Two numbers, both from a small CNN trained ONLY on the real training digits (its held-out accuracy is
