@@ -193,7 +193,7 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=250, help="steps of each objective's default sampler (default: 250)")
     p.add_argument("--objectives", nargs="+", default=list(train.OBJECTIVES), help="objectives for --all (default: all)")
     p.add_argument("--steps", type=int, default=None, help="training steps per pair for --all (default: train.py's "
-                   "digits default, 2000; 4000 for U-ViT)")
+                   "digits default: 1500 DiT, 4000 U-ViT, 2000 the others)")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to judge (default: 1 3)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every pair of --all, one quoted string, "
                    "e.g. --train-args='--lr 3e-4' (default: none)")
