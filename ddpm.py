@@ -152,7 +152,7 @@ def guided_model(model, x, t, y, w, cfg_channels=None, model_kwargs=None):
     if getattr(model, "class_dropout_prob", None) == 0:       # our backbones keep a null row only with dropout
         raise ValueError("guidance (w != 1) needs a model trained with label dropout: this one has no null label")
     null = torch.full_like(y, model.num_classes)
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **kw)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **kw).float()   # fp32 mix
     cond, uncond = out.chunk(2)
     k = x.shape[1] if cfg_channels is None else cfg_channels
     guided = uncond[:, :k] + w * (cond[:, :k] - uncond[:, :k])
@@ -292,6 +292,8 @@ class GaussianDiffusion:
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r} (choose ddpm, ddim, dpm++)")
         kept, c = self.respaced(250 if steps is None else steps)
+        if len(kept) < 2:     # the official respacing of 1 step keeps t = 0 alone: one call on pure noise returns it
+            raise ValueError(f"{sampler} needs steps >= 2 (1 step keeps only t = 0 and returns the noise), got {steps}")
         x = z
         for i in tqdm(list(reversed(range(len(kept)))), disable=not progress, desc=sampler):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)

@@ -35,11 +35,18 @@ Deviations from the official code (the numbers of a sampler or loss are otherwis
     - SDE with the 'SBDM' diffusion and a Linear/GVP velocity model: the official code starts at t0 = 0,
       where g(t) is infinite, and returns NaN. Here the SDE starts at t0 = 1e-3 in that case (sample_eps = 0).
     - SDE Heun with last_step=None: the official corrector evaluates the score at t = 1 (sigma = 0) on the last
-      step and returns NaN; here that one step is an Euler step.
+      step; where that is not finite (a Linear model: the official returns NaN), that one step is an Euler step
+      here. Where it is finite (GVP) the step is the official one.
+    - The 'constant' diffusion form and 'increasing-decreasing' work here; the official code fails on both
+      (th.sqrt of a Python float; the key spelled 'inccreasing-decreasing').
+    - The ODE/SDE samplers refuse num_steps < 2 and the SDE a last step of size 0 (the official ODE returns the
+      noise for 1 step; a last step of size 0 evaluates the score at t = 1). VP needs eps > 0 (its dsigma is
+      infinite at t = 1); the official defaults are > 0.
     - The velocity model is called once per drift evaluation (the official SDE calls it twice: once for
       the drift, once for the score, with the same output).
-    - dopri5 is written here (no torchdiffeq): Dormand-Prince 5(4) with the standard error control;
-      agrees with torchdiffeq to the requested tolerance, not bitwise. `self.nfe` counts evaluations.
+    - dopri5 is written here (no torchdiffeq): Dormand-Prince 5(4) with torchdiffeq's error control and step
+      rule; it steps onto t1 where torchdiffeq steps past it and interpolates, so the two agree to the requested
+      tolerance, not bitwise. `self.nfe` counts evaluations.
     - SDE noise is drawn on the model's device (the official draws it on the CPU, then copies), and for the
       batch itself: with guidance the official draws it for the doubled (cond + uncond) batch.
     - loss() draws t before the noise (the official draws the noise first), so a seeded run is not the
@@ -89,7 +96,7 @@ def guided_model(model, x, t, y, w, cfg_channels=None, model_kwargs=None):
     if getattr(model, "class_dropout_prob", None) == 0:       # our backbones keep a null row only with dropout
         raise ValueError("guidance (w != 1) needs a model trained with label dropout: this one has no null label")
     null = torch.full_like(y, model.num_classes)
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **kw)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **kw).float()   # fp32 mix
     cond, uncond = out.chunk(2)
     k = x.shape[1] if cfg_channels is None else cfg_channels
     return torch.cat([uncond[:, :k] + w * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], dim=1)
@@ -123,9 +130,10 @@ class Transport:
             d_train, d_sample = 0.0, 0.0
         self.train_eps = d_train if train_eps is None else train_eps
         self.sample_eps = d_sample if sample_eps is None else sample_eps
-        if path_type != "VP" and prediction != "velocity" and min(self.train_eps, self.sample_eps) <= 0:
-            raise ValueError(f"train_eps and sample_eps must be > 0 for a {path_type} {prediction} model: its score is "
-                             "singular at t = 1 (sigma = 0) and its drift dalpha / alpha at t = 0")
+        if (path_type == "VP" or prediction != "velocity") and min(self.train_eps, self.sample_eps) <= 0:
+            raise ValueError(f"train_eps and sample_eps must be > 0 for a {path_type} {prediction} model: "
+                             + ("VP's dsigma = -alpha dalpha / sigma is infinite at t = 1 (sigma = 0)" if path_type == "VP"
+                                else "its score is singular at t = 1 (sigma = 0) and its drift dalpha / alpha at t = 0"))
         self.nfe = 0   # model evaluations of the last sample() call
         # what the backbone is fed: time_scale * t, or time_scale * (1 - t) with time_reverse (U-ViT's continuous
         # VP checkpoints were trained with 999 * s, s = 1 - t the diffusion time); SiT itself: raw t
@@ -249,6 +257,8 @@ class Transport:
                 return self.dopri5(lambda x, t: field(x, t)[0], z, t0, t1, atol, rtol)
             if solver not in ("euler", "heun"):
                 raise ValueError(f"unknown ODE solver {solver!r} (euler, heun, dopri5)")
+            if num_steps < 2:
+                raise ValueError(f"num_steps must be >= 2 for the ODE (the grid has num_steps points), got {num_steps}")
             ts = torch.linspace(t0, t1, num_steps)
             x = z
             for i in tqdm(range(num_steps - 1), disable=not progress, desc=f"ode-{solver}"):
@@ -268,6 +278,9 @@ class Transport:
             raise ValueError(f"unknown last_step {last_step!r} (Mean, Tweedie, Euler, None)")
         if num_steps < 2:
             raise ValueError(f"num_steps must be >= 2 for the SDE (the grid has num_steps points), got {num_steps}")
+        if last_step is not None and not last_step_size > 0:   # a 0-size last step would evaluate the score at t = 1
+            raise ValueError(f"last_step_size must be > 0 for last_step={last_step!r} (or last_step=None), "
+                             f"got {last_step_size}")
         size = last_step_size if last_step is not None else 0.0
         t0 = self.interval(self.sample_eps)[0]
         if t0 == 0 and self.path_type != "VP" and diffusion_form == "SBDM":
@@ -290,10 +303,10 @@ class Transport:
             else:                                                  # stochastic Heun (official integrators.py)
                 xhat = x + math.sqrt(2 * D) * dw
                 k1 = sde_drift(xhat, t)
-                if i == num_steps - 2 and t1 >= 1.0:               # last_step=None ends at t = 1, where the score is
-                    x = xhat + dt * k1                             # singular (sigma = 0): Euler there (official: NaN)
-                else:
-                    k2 = sde_drift(xhat + dt * k1, t + dt)
+                k2 = sde_drift(xhat + dt * k1, t + dt)
+                if i == num_steps - 2 and t1 >= 1.0 and not torch.isfinite(k2).all():   # last_step=None ends at t = 1:
+                    x = xhat + dt * k1                             # a score singular there (Linear's sigma = 0) gives
+                else:                                              # NaN (official); then Euler on that one step
                     x = xhat + 0.5 * dt * (k1 + k2)
         if last_step == "Mean":                                    # a noise-free step of the same SDE drift
             return x + sde_drift(x, t1) * size
@@ -337,7 +350,8 @@ class Transport:
                 raise FloatingPointError(f"dopri5: non-finite values at t = {t:.4g} (step {h:.3g}); check the model")
             if ratio <= 1:                                         # accept (FSAL: k7 is the next k1)
                 t, x, k1 = t + h, x5, k[6]
-            h = h * min(10.0, max(0.2, 0.9 * ratio ** -0.2)) if ratio > 0 else 10 * h
+            lo = 1.0 if ratio < 1 else 0.2                        # an accepted step never shrinks the next (torchdiffeq)
+            h = h * min(10.0, max(lo, 0.9 * ratio ** -0.2)) if ratio > 0 else 10 * h
             if t + h == t:
                 raise FloatingPointError(f"dopri5: step size underflow at t = {t:.4g}")
         raise RuntimeError(f"dopri5 did not reach t1 in {max_steps} steps")

@@ -459,9 +459,12 @@ def test_ddpm_sampler_step_counts():
         return toy(x, t, y)
 
     z, y = torch.randn(2, 4, 4, 4), torch.tensor([1, 2])
-    for sampler in ("ddpm", "ddim"):                  # one step from t = 999 straight to the x0 estimate
-        calls.clear()
-        assert torch.isfinite(D.sample(counting, z, y, steps=1, sampler=sampler)).all() and len(calls) == 1
+    for sampler in ("ddpm", "ddim"):                  # 1 respaced step keeps t = 0 alone (official): refused
+        with pytest.raises(ValueError, match="steps >= 2"):
+            D.sample(counting, z, y, steps=1, sampler=sampler)
+        calls.clear()                                 # 2 steps: t = 0 and 999, two calls, far from the noise
+        out = D.sample(counting, z, y, steps=2, sampler=sampler)
+        assert len(calls) == 2 and (out - z).abs().max() > 0.1
     calls.clear()
     D.sample(counting, z, y, sampler="dpm++")         # its own default, not the 250 of ddpm
     assert len(calls) == 25
@@ -801,9 +804,10 @@ def test_resume_refuses_data_with_other_classes(tmp_path):
 
 
 def test_sampler_flags_are_checked_before_training_and_a_failing_grid_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
-    for argv, match in ((["--sample-steps", "1001"], r"--sample-steps must be in \[1, 1000\]"),
+    for argv, match in ((["--sample-steps", "1001"], "--sample-steps must be <= 1000"),
                         (["--objective", "sit", "--sample-steps", "1"], "--sample-steps must be >= 2 for sde-euler"),
-                        (["--objective", "sit", "--sampler", "ode-heun", "--sample-steps", "1"], ">= 2 for ode-heun")):
+                        (["--objective", "sit", "--sampler", "ode-heun", "--sample-steps", "1"], ">= 2 for ode-heun"),
+                        (["--sample-steps", "1"], "--sample-steps must be >= 2 for ddpm .*keeps only t = 0")):
         with pytest.raises(train.UserError, match=match):
             train.main(TINY + ["--steps", "2", "--sample-every", "2", "--results-dir", str(tmp_path / "x")] + argv)
     assert not os.path.exists(tmp_path / "x")                        # refused before any folder was made
@@ -940,7 +944,7 @@ def test_sample_rejects_bad_labels_and_foreign_weights(tmp_path):
                        (["--guidance-interval", "0.5", "0.2"], "0 <= LO <= HI <= 1"),
                        (["--cfg-channels", "0"], "--cfg-channels must be positive")):
         with pytest.raises(train.UserError, match=match):
-            sample.main(["--ckpt", run, "--sample-steps", "1"] + bad)
+            sample.main(["--ckpt", run, "--sample-steps", "2"] + bad)
     assert not os.path.exists("s.txt")
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(train.UserError, match="not a checkpoint of this library"):
@@ -1221,6 +1225,38 @@ def test_sit_sde_heun_without_last_step_stays_finite():
     for solver in ("euler", "heun"):
         out = tr.sample(lambda x, t, y: -x, z, y, method="sde", solver=solver, num_steps=10, last_step=None)
         assert torch.isfinite(out).all(), solver
+    # one Heun step from t = 0 to 1: its corrector evaluates the score at t = 1. Linear: singular there (the
+    # official gives NaN), so that step is Euler; GVP: finite (D ~ sigma cancels the 1 / sigma), the Heun step
+    for path in ("Linear", "GVP"):
+        tr = sit.Transport(path, "velocity")
+        m = exact_gaussian_model(tr, "velocity")
+        torch.manual_seed(0)
+        out = tr.sample(m, z, y, method="sde", solver="heun", num_steps=2, last_step=None)
+        torch.manual_seed(0)
+        xhat = z + math.sqrt(2 * tr.diffusion(torch.tensor(0.0), "sigma", 1.0).item()) * torch.randn_like(z)   # dt = 1
+
+        def drift(x, t):
+            v, s = tr.velocity_and_score(m, x, t, y, 1.0, None, None, need_score=True)
+            return v + tr.diffusion(torch.tensor(t), "sigma", 1.0).item() * s
+
+        k1 = drift(xhat, 0.0)
+        euler, heun = xhat + k1, xhat + 0.5 * (k1 + drift(xhat + k1, 1.0))
+        if path == "Linear":
+            assert not torch.isfinite(heun).all() and torch.allclose(out, euler, atol=1e-6)
+        else:
+            assert (euler - heun).abs().max() > 1e-2 and torch.allclose(out, heun, atol=1e-6)
+
+
+def test_sit_refuses_grids_and_intervals_that_reach_a_singularity():
+    z, y = torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long)
+    for solver in ("euler", "heun"):
+        with pytest.raises(ValueError, match="num_steps must be >= 2 for the ODE"):
+            sit.Transport().sample(lambda x, t, y: x, z, y, method="ode", solver=solver, num_steps=1)
+    with pytest.raises(ValueError, match="last_step_size must be > 0"):
+        sit.Transport().sample(lambda x, t, y: x, z, y, method="sde", last_step="Mean", last_step_size=0.0)
+    for kw in (dict(train_eps=0.0), dict(sample_eps=0.0)):
+        with pytest.raises(ValueError, match="VP's dsigma"):
+            sit.Transport("VP", "velocity", **kw)
 
 
 def test_sit_guidance_and_seeding():
@@ -2097,7 +2133,7 @@ def test_sample_unconditional_official_uvit(tmp_path):
 def test_sample_flags_do_what_their_help_says(tmp_path, monkeypatch, one_step_run):
     import sample
     monkeypatch.chdir(tmp_path)                               # the default --out is grid.png in the current folder
-    sample.main(["--ckpt", one_step_run, "--sample-steps", "1", "--num-samples", "2"])
+    sample.main(["--ckpt", one_step_run, "--sample-steps", "2", "--num-samples", "2"])
     assert os.listdir(tmp_path) == ["grid.png"]
     assert "grid.png in the current folder" in next(a.help for a in sample.get_parser()._actions if a.dest == "out")
     for dead in ("--num-classes", "--model"):                 # never read: removed

@@ -191,10 +191,10 @@ def resolve_args(args, preset):
             raise UserError(f"--{name.replace('_', '-')} must be >= 0")
     if getattr(args, "sample_steps", None) is not None:   # what ddpm.py (T = 1000) and sit.py accept, checked before any grid
         if args.objective == "ddpm" and args.sample_steps > 1000:
-            raise UserError(f"--sample-steps must be in [1, 1000] for ddpm's 1000 timesteps, got {args.sample_steps}")
-        if args.sampler in ("ode-euler", "ode-heun", "sde-euler", "sde-heun") and args.sample_steps < 2:
-            raise UserError(f"--sample-steps must be >= 2 for {args.sampler} (the time grid has that many points), "
-                            f"got {args.sample_steps}")
+            raise UserError(f"--sample-steps must be <= 1000 for ddpm's 1000 timesteps, got {args.sample_steps}")
+        if args.sampler in ("ddpm", "ddim", "ode-euler", "ode-heun", "sde-euler", "sde-heun") and args.sample_steps < 2:
+            raise UserError(f"--sample-steps must be >= 2 for {args.sampler} (its time grid has that many points; "
+                            f"a 1-step ddpm/ddim grid keeps only t = 0), got {args.sample_steps}")
     if hasattr(args, "lr") and args.lr is not None and not args.lr > 0:     # written so that NaN fails too
         raise UserError(f"--lr must be positive, got {args.lr}")
     for name in ("weight_decay", "warmup_steps", "grad_clip"):
