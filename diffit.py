@@ -330,7 +330,8 @@ class DiffiTUNet(nn.Module):
                              f"included) do not divide into {groups} groups")
         self.input_size, self.in_channels = input_size, in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
-        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
+        # unconditional (num_classes 0): no labels to drop, so no null label and guidance is refused
+        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob if num_classes > 0 else 0.0
         self.freq_dim = channels[0]
         self.t_embedder = nn.Sequential(nn.Linear(self.freq_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         if num_classes > 0:

@@ -32,7 +32,8 @@ Deviations from the official code (state-dict keys and outputs are the same; tes
     - Attention goes through F.scaled_dot_product_attention with the relative bias as an additive mask
       (the official code writes the softmax out).
     - The masked bias is one embedding lookup of the kept pairs' table offsets instead of repeat + two gathers.
-    - The mask ratio is an argument of forward (mask_ratio=None: no masking) instead of a constructor
+    - The mask ratio is an argument of forward (mask_ratio None or 0: no masking; the official v2 built
+      with mask_ratio 0 still masks, r in [0, 0.2)) instead of a constructor
       argument + enable_mask; one ratio per batch r = mask_ratio + 0.2 U[0, 1) as in v2. The mask token
       is always trainable (official: frozen when built for inference, which only matters for training).
     - A mask ratio that could leave no token visible raises a ValueError (official: a slice with
@@ -318,8 +319,8 @@ class MDTv2(nn.Module):
         grid = input_size // patch_size
         half = (depth - decode_layer) // 2
         block = partial(MDTBlock, hidden_size, num_heads, grid, mlp_ratio)
-        # registration order = the official one (same state-dict order). A seeded init still differs from the
-        # official one: torch's trunc_normal_ (bias tables) draws differently from timm's, shifting later draws.
+        # registration order = the official one (same state-dict order). A seeded init differs from the official
+        # one in the relative-bias tables alone (torch's trunc_normal_ draws differently from timm's)
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -385,8 +386,8 @@ class MDT(nn.Module):
         self.num_classes, self.class_dropout_prob, self.decode_layer = num_classes, class_dropout_prob, decode_layer
         grid = input_size // patch_size
         block = partial(MDTBlock, hidden_size, num_heads, grid, mlp_ratio)
-        # registration order = the official one (same state-dict order). A seeded init still differs from the
-        # official one: torch's trunc_normal_ (bias tables) draws differently from timm's, shifting later draws.
+        # registration order = the official one (same state-dict order). A seeded init differs from the official
+        # one in the relative-bias tables alone (torch's trunc_normal_ draws differently from timm's)
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)

@@ -1470,6 +1470,17 @@ def test_uvit_sdpa_equals_explicit_and_token_layout():
     assert u.pos_embed.shape[1] == 17 and torch.equal(u(x, t, torch.tensor([1, 1])), u(x, t, torch.tensor([2, 3])))
 
 
+def test_guidance_is_refused_for_unconditional_backbones():
+    # no labels, so no null label: guidance would run a doubled batch in which y changes nothing
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 5]), torch.tensor([0, 0])
+    for m in (unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=0),
+              diffit.DiffiT_models["DiffiT-UNet-Tiny"](input_size=8, in_channels=1, num_classes=0)):
+        assert m.class_dropout_prob == 0
+        for guided_model in (ddpm.guided_model, sit.guided_model):
+            with pytest.raises(ValueError, match="no null label"):
+                guided_model(m.eval(), x, t, y, 4.0)
+
+
 # Outputs of the OFFICIAL UViT (baofff/U-ViT libs/uvit.py @ ce55170) with the same weights (keys sorted,
 # 0.2 * randn from seed 0) and inputs, measured once on CPU: sum and out.flatten()[::16]. Swapping the
 # long-skip concat order, the token order, the skip pairing, [cos|sin] or the unpatchify layout fails these.
@@ -1543,6 +1554,15 @@ def test_mdt_relative_position_index():
     assert idx[18, 48] == 13 * 31 + 17 and idx[5, 5] == 15 * 31 + 15
 
 
+def test_diffit_relative_position_index():
+    # Swin's index (DiffiT's TMSA tables): (dh + w - 1)(2w - 1) + dw + w - 1 for the offset (dh, dw) of i from j
+    idx = diffit.relative_position_index(16)
+    assert idx.shape == (256, 256) and idx.dtype == torch.int64 and idx.max() == 960 and idx.min() == 0
+    assert idx[18, 48] == 13 * 31 + 17 and idx[48, 18] == 17 * 31 + 13 and idx[5, 5] == 15 * 31 + 15
+    assert torch.equal(diffit.relative_position_index(4)[0], torch.tensor([24, 23, 22, 21, 17, 16, 15, 14, 10, 9, 8, 7,
+                                                                            3, 2, 1, 0]))
+
+
 def test_mdt_attention_with_bias_equals_explicit():
     torch.manual_seed(0)
     attn = mdt.Attention(64, 4, grid=4)
@@ -1564,6 +1584,9 @@ def test_mdt_attention_with_bias_equals_explicit():
 def test_mdt_masking_keeps_the_requested_tokens():
     torch.manual_seed(0)
     m = mdt.MDT_models["MDTv2-Tiny/2"](input_size=8, in_channels=1, num_classes=10)
+    with torch.no_grad():              # random side block: adaLN-Zero would make it the identity, hiding the blend
+        for p in m.sideblocks.parameters():
+            p.normal_(0, 0.05)
     x = torch.randn(3, 16, 128)
     for ratio in (0.3, 0.45, 0.5):
         kept, mask, ids_restore, ids_keep = mdt.random_masking(x, ratio)
@@ -1579,6 +1602,13 @@ def test_mdt_masking_keeps_the_requested_tokens():
         expect = torch.zeros_like(full)
         expect.scatter_(1, ids_keep[..., None].expand(-1, -1, 128), kept)
         torch.testing.assert_close(full[keep_pos], (expect + m.decoder_pos_embed)[keep_pos])
+        # dropped positions carry the side block's output on the restored sequence (mask token there)
+        expect[mask == 1] = m.mask_token.reshape(128)
+        side = expect + m.decoder_pos_embed
+        for blk in m.sideblocks:
+            side = blk(side, c)
+        assert (side - expect - m.decoder_pos_embed)[mask == 1].abs().max() > 1e-2       # not the identity
+        torch.testing.assert_close(full[mask == 1], side[mask == 1])
     y = m(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4]), mask_ratio=0.3)
     assert y.shape == (2, 2, 8, 8)
 

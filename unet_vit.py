@@ -126,7 +126,8 @@ class UViT(nn.Module):
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels if out_channels is None else out_channels   # official: eps only
-        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
+        # unconditional (num_classes 0): no labels to drop, so no null label and guidance is refused
+        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob if num_classes > 0 else 0.0
         self.embed_dim, self.grad_checkpointing = embed_dim, grad_checkpointing
 
         self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
