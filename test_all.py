@@ -1071,6 +1071,22 @@ def test_sit_paths_golden(path, gold):
     np.testing.assert_allclose([*map(float, tr.alpha_sigma(t)), -float(a), float(g)], gold, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("path", ["Linear", "GVP", "VP"])
+def test_sit_path_derivatives_and_drift_on_a_grid(path):
+    # independent of the golden points: dalpha, dsigma are the derivatives of alpha, sigma (central differences),
+    # and the drift coefficients are dalpha / alpha and (dalpha / alpha) sigma^2 - sigma dsigma, at 19 times
+    tr = sit.Transport(path_type=path)
+    t, h = torch.linspace(0.05, 0.95, 19, dtype=torch.float64), 1e-6
+    a, da, s, ds = tr.alpha_sigma(t)
+    torch.testing.assert_close(da, (tr.alpha_sigma(t + h)[0] - tr.alpha_sigma(t - h)[0]) / (2 * h), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(ds, (tr.alpha_sigma(t + h)[2] - tr.alpha_sigma(t - h)[2]) / (2 * h), rtol=1e-6, atol=1e-8)
+    f, g = tr.drift_coeffs(t)
+    torch.testing.assert_close(f, da / a)
+    torch.testing.assert_close(g, da / a * s ** 2 - s * ds)
+    if path != "Linear":                                   # variance preserving
+        torch.testing.assert_close(a ** 2 + s ** 2, torch.ones_like(t))
+
+
 def test_sit_diffusion_forms_golden():
     tr = sit.Transport()
     t = torch.tensor(0.3, dtype=torch.float64)
