@@ -40,7 +40,8 @@ def get_parser():
     p.add_argument("--vae", default=None, help="VAE to decode latents, diffusers id or local path (default: the one "
                    "the training latents were made with, else stabilityai/sd-vae-ft-ema)")
     p.add_argument("--size", default=None, help="official files only: registry name (default: read off the shapes)")
-    p.add_argument("--objective", default=None, help="official files only: ddpm or sit (default: from the file name)")
+    p.add_argument("--objective", default=None, choices=["ddpm", "sit"],
+                   help="official files only: ddpm or sit (default: from the file name)")
     train.add_sampling_args(p)
     return p
 
@@ -93,7 +94,9 @@ def n_blocks(sd, prefix):
     return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
 
 
-def size_name(family_prefix, D, depth, p, names):
+def size_name(family_prefix, D, depth, p, names, given=None):
+    if given:                                                  # --size: the user names it (checked when built)
+        return given
     if (D, depth) not in names:
         raise UserError(f"a {family_prefix} state dict with width {D} and depth {depth} matches no registered config")
     return f"{family_prefix}-{names[(D, depth)]}/{p}"
@@ -108,24 +111,26 @@ def recognise_official(sd, args, path):
         family, key = "mdt", "MDT"
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
         depth = 2 * n_blocks(sd, "en_inblocks.") + n_blocks(sd, "de_blocks.")
-        size = size_name("MDTv2", D, depth, p, {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"})
+        size = size_name("MDTv2", D, depth, p, {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"},
+                         args.size)
         in_ch, grid, out_ch, n_cls = dit_style_io(sd, p)
     elif "sideblocks.0.attn.qkv.weight" in sd and "blocks.0.attn.qkv.weight" in sd:   # MDT v1 (one plain stack)
         family, key = "mdt", "MDT"         # MDT's FID script settings (cfg 3.8 was tuned on v1, sail-sg/MDT#47)
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
-        size = size_name("MDT", D, n_blocks(sd, "blocks."), p, {(1152, 28): "XL"})
+        size = size_name("MDT", D, n_blocks(sd, "blocks."), p, {(1152, 28): "XL"}, args.size)
         in_ch, grid, out_ch, n_cls = dit_style_io(sd, p)
     elif "blocks.0.attn.qkv_temb.weight" in sd:                                # latent DiffiT
         family = "diffit"
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
-        size = size_name("DiffiT", D, n_blocks(sd, "blocks."), p, {(1152, 28): "XL"})
+        size = size_name("DiffiT", D, n_blocks(sd, "blocks."), p, {(1152, 28): "XL"}, args.size)
         in_ch, grid, out_ch, n_cls = dit_style_io(sd, p)
         key = "DiffiT-256" if grid * p <= 32 else "DiffiT-512"
     elif "patch_embed.proj.weight" in sd and "mid_block.attn.qkv.weight" in sd:   # U-ViT
         family = "unet_vit"
         D, p = sd["patch_embed.proj.weight"].shape[0], sd["patch_embed.proj.weight"].shape[-1]
         depth = 2 * n_blocks(sd, "in_blocks.")
-        size = size_name("U-ViT", D, depth, p, {(1152, 28): "H", (1024, 20): "L", (768, 16): "M", (512, 12): "S"})
+        size = size_name("U-ViT", D, depth, p, {(1152, 28): "H", (1024, 20): "L", (768, 16): "M", (512, 12): "S"},
+                         args.size)
         in_ch = out_ch = sd["patch_embed.proj.weight"].shape[1]
         n_cls = sd["label_emb.weight"].shape[0] - 1 if "label_emb.weight" in sd else 0
         grid = math.isqrt(sd["pos_embed"].shape[1] - (2 if n_cls else 1))
@@ -133,7 +138,8 @@ def recognise_official(sd, args, path):
     elif "y_embedder.embedding_table.weight" in sd and "blocks.0.attn.qkv.weight" in sd:   # DiT / SiT
         family = "dit"
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
-        size = size_name("DiT", D, n_blocks(sd, "blocks."), p, {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"})
+        size = size_name("DiT", D, n_blocks(sd, "blocks."), p,
+                         {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"}, args.size)
         in_ch, grid, out_ch, n_cls = dit_style_io(sd, p)
         key = "SiT" if (args.objective == "sit" or (args.objective is None and "sit" in base)) else "DiT"
     else:
@@ -162,9 +168,18 @@ def read_checkpoint(args):
         kind = ckpt["config"]["data"]["kind"]
         if args.vae is None and (ckpt["config"]["data"].get("meta") or {}).get("vae"):
             args.vae = ckpt["config"]["data"]["meta"]["vae"]
+        for flag, ours in (("size", model_cfg["size"]), ("objective", obj_cfg["name"])):
+            if getattr(args, flag) not in (None, ours):
+                raise UserError(f"--{flag} {getattr(args, flag)}: that flag is for official files; this checkpoint is "
+                                f"{ours}")
     else:                                                   # an official plain state dict
-        weights = ckpt.get("ema", ckpt.get("model", ckpt))
-        model_cfg, obj_cfg, settings = recognise_official(weights, args, args.ckpt)
+        if args.no_ema and not ("model" in ckpt and "ema" in ckpt):
+            raise UserError(f"--no-ema: {args.ckpt} holds one set of weights, not raw and EMA ones")
+        weights = ckpt["model"] if args.no_ema else ckpt.get("ema", ckpt.get("model", ckpt))
+        try:
+            model_cfg, obj_cfg, settings = recognise_official(weights, args, args.ckpt)
+        except (KeyError, AttributeError, IndexError, TypeError, ValueError) as e:   # the right keys, wrong contents
+            raise UserError(f"{args.ckpt}: not a state dict this library recognises ({type(e).__name__}: {e})")
         model_cfg["paper_settings"] = settings
         kind = "latents" if model_cfg["in_channels"] == 4 else "images"
     return weights, model_cfg, obj_cfg, kind
@@ -191,7 +206,11 @@ def main(argv=None):
     if not npz and ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--out {args.out}: give a .npz (samples for FID) or a .png/.jpg (a grid)")
     train.require_folder(out, "--out")
+    if args.balanced and args.class_labels:
+        raise UserError("--balanced and --class-labels both choose the labels: give one")
     weights, cfg, obj_cfg, kind = read_checkpoint(args)
+    if args.vae is not None and kind != "latents":
+        raise UserError(f"--vae: this model samples {kind}, not latents: there is nothing to decode")
     objective, obj_name = train.build_objective(obj_cfg), obj_cfg["name"]
     args.vae = args.vae or "stabilityai/sd-vae-ft-ema"
     n_cls, C, H = cfg["num_classes"], cfg["in_channels"], cfg["input_size"]
@@ -283,7 +302,7 @@ def main(argv=None):
     if npz:
         # ADM/DiT conversion: clamp(127.5 x + 128, 0, 255) then truncate to uint8; NHWC
         arr = (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        np.savez(out, arr_0=arr, **(dict(labels=y.numpy().astype(np.int64)) if n_cls else {}))
+        write_atomic(out, lambda f: np.savez(f, arr_0=arr, **(dict(labels=y.numpy().astype(np.int64)) if n_cls else {})))
         with open(os.path.splitext(out)[0] + ".json", "w") as f:
             json.dump(dict(ckpt=os.path.abspath(args.ckpt), ema=not args.no_ema, objective=obj_name, sampler=args.sampler,
                            steps=args.sample_steps, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
@@ -294,9 +313,26 @@ def main(argv=None):
                            precision=args.precision, compile=args.compile), f, indent=1)
         print(f"wrote {out}: arr_0 {arr.shape} uint8, " + (f"labels {y.shape}" if n_cls else "no labels (unconditional)"))
     else:
-        train.save_grid(x, out, nrow=10 if n_cls == 10 else max(1, int(math.sqrt(n))))
+        write_atomic(out, lambda f: train.save_grid(x, f, nrow=10 if n_cls == 10 else max(1, int(math.sqrt(n))),
+                                                    fmt="JPEG" if ext.lower() in (".jpg", ".jpeg") else "PNG"))
         print(f"wrote {out}: {n} samples" + (f", labels {y.tolist()[:20]}{' ...' if n > 20 else ''}" if n_cls else ""))
     return out
+
+
+def write_atomic(path, write):
+    """write(f) into a temporary file beside path, then rename it over path: a failed write (disk full) leaves no
+    half-written samples; UserError for it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+        raise
 
 
 if __name__ == "__main__":
@@ -305,3 +341,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

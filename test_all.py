@@ -866,7 +866,9 @@ def test_unusable_results_dir_is_a_user_error(tmp_path):
 
 
 def test_nan_and_out_of_range_numbers_are_refused(tmp_path):
-    for argv, match in ((["--lr", "nan"], "--lr must be positive"), (["--weight-decay", "nan"], "--weight-decay must be >= 0"),
+    for argv, match in ((["--lr", "nan"], "--lr must be a positive number"), (["--lr", "inf"], "--lr must be a positive"),
+                        (["--seed", str(10 ** 20)], r"--seed must be in \[0, 2\^32\)"), (["--seed", "-1"], "--seed must be"),
+                        (["--weight-decay", "nan"], "--weight-decay must be >= 0"),
                         (["--grad-clip", "nan"], "--grad-clip must be >= 0"),
                         (["--objective", "sit", "--prediction", "noise", "--train-eps", "-1"], r"--train-eps must be in \[0, 0.5\)"),
                         (["--objective", "sit", "--path-type", "VP", "--train-eps", "0.5"], r"--train-eps must be in \[0, 0.5\)"),
@@ -2309,3 +2311,82 @@ def test_extract_latents_with_torchrun_equals_one_process(tmp_path, tiny_vae):
                                np.load(tmp_path / "two" / "moments.npy").astype(np.float32), atol=1e-3)
     meta = json.load(open(tmp_path / "two" / "meta.json"))
     assert meta["num_done"] == 16 and meta["unreadable"] == ["n02/zz_corrupt.JPEG"]
+
+
+def test_outputs_are_probed_and_failed_writes_leave_no_debris(tmp_path, monkeypatch):
+    # an output that is a folder, or a folder that takes no file (root ignores mode bits: the probe writes a file)
+    with pytest.raises(train.UserError, match="is a folder"):
+        train.require_folder(str(tmp_path), "--out")
+    import tempfile
+
+    def refuse(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "NamedTemporaryFile", refuse)
+        with pytest.raises(train.UserError, match="--json .*cannot write in .*Permission denied"):
+            train.require_folder(str(tmp_path / "b.json"), "--json")
+    # a checkpoint write that fails half-way (disk full): one line, no temporary file, the old file intact
+    train.save_atomic({"a": 1}, str(tmp_path / "last.pt"))
+    before = (tmp_path / "last.pt").read_bytes()
+    real_save = torch.save
+
+    def short_write(obj, f, *a, **kw):
+        f.write(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 100 vs 48")
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(train.UserError, match="cannot write .*last.pt .*previous file, if any, is intact"):
+        train.save_atomic({"a": 2}, str(tmp_path / "last.pt"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert os.listdir(tmp_path) == ["last.pt"] and (tmp_path / "last.pt").read_bytes() == before
+    # temporary files of a run killed mid-save are removed when the run continues in its folder
+    run = train.main(TINY + ["--steps", "1", "--results-dir", str(tmp_path / "r")])
+    open(os.path.join(run, "checkpoints", "last.pt.tmp4242"), "wb").write(b"half")
+    train.main(["--resume", run, "--steps", "2", "--no-progress"])
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["last.pt"]
+
+
+def test_resume_refuses_an_official_training_checkpoint(tmp_path):
+    # the official DiT train.py's file has model, ema, opt and an argparse Namespace: sample.py reads it,
+    # train.py cannot continue it (no config, step or RNG state)
+    import argparse
+    sd = dit.DiT_models["DiT-Tiny/2"](input_size=8, in_channels=1, num_classes=10).state_dict()
+    torch.save(dict(model=sd, ema=sd, opt={}, args=argparse.Namespace(model="DiT-S/8")), tmp_path / "0400000.pt")
+    with pytest.raises(train.UserError, match="not a training checkpoint of this library"):
+        train.main(["--resume", str(tmp_path / "0400000.pt"), "--steps", "3"])
+
+
+def test_sample_flag_conflicts_and_malformed_state_dicts(tmp_path, one_step_run):
+    import argparse
+    import sample
+    for argv, match in ((["--balanced", "--class-labels", "1"], "--balanced and --class-labels"),
+                        (["--vae", "x"], "--vae: this model samples digits"),
+                        (["--objective", "sit"], "--objective sit: that flag is for official files; this checkpoint is ddpm"),
+                        (["--size", "DiT-S/2"], "--size DiT-S/2: that flag is for official files")):
+        with pytest.raises(train.UserError, match=match):
+            sample.main(["--ckpt", one_step_run, "--out", str(tmp_path / "g.png")] + argv)
+    with pytest.raises(SystemExit):
+        sample.get_parser().parse_args(["--ckpt", "x.pt", "--objective", "foo"])
+    m = dit.DiT_models["DiT-Tiny/2"](input_size=8, in_channels=3, num_classes=5)
+    sd = {k: torch.randn(v.shape) * 0.02 for k, v in m.state_dict().items()}
+    # a width the official registry lacks: --size names it
+    path = official_like(tmp_path, "tiny.pt", m)
+    with pytest.raises(train.UserError, match="matches no registered config"):
+        sample.main(["--ckpt", path, "--out", str(tmp_path / "g.png"), "--sample-steps", "2"])
+    assert os.path.exists(sample.main(["--ckpt", path, "--size", "DiT-Tiny/2", "--out", str(tmp_path / "g.png"),
+                                       "--sample-steps", "2", "--num-samples", "2"]))
+    # right keys, wrong contents; keys that are not strings
+    bad = dict(sd)
+    del bad["pos_embed"]
+    for obj in (bad, {1: 2}):
+        torch.save(obj, tmp_path / "bad.pt")
+        with pytest.raises(train.UserError, match="bad.pt"):
+            sample.main(["--ckpt", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "g.png")])
+    # --no-ema on the official train.py layout samples its raw weights (and says so); on a plain file it is refused
+    raw = {k: v + 0.05 for k, v in sd.items()}
+    torch.save(dict(model=raw, ema=sd, opt={}, args=argparse.Namespace(model="DiT-Tiny/2")), tmp_path / "t.pt")
+    common = ["--ckpt", str(tmp_path / "t.pt"), "--size", "DiT-Tiny/2", "--sample-steps", "2", "--num-samples", "2"]
+    a = np.load(sample.main(common + ["--out", str(tmp_path / "ema.npz")]))["arr_0"]
+    b = np.load(sample.main(common + ["--no-ema", "--out", str(tmp_path / "raw.npz")]))["arr_0"]
+    assert not np.array_equal(a, b) and json.load(open(tmp_path / "raw.json"))["ema"] is False
+    with pytest.raises(train.UserError, match="--no-ema: .* holds one set of weights"):
+        sample.main(["--ckpt", path, "--size", "DiT-Tiny/2", "--no-ema", "--out", str(tmp_path / "g.png")])

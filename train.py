@@ -16,7 +16,9 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -195,8 +197,10 @@ def resolve_args(args, preset):
         if args.sampler in ("ddpm", "ddim", "ode-euler", "ode-heun", "sde-euler", "sde-heun") and args.sample_steps < 2:
             raise UserError(f"--sample-steps must be >= 2 for {args.sampler} (its time grid has that many points; "
                             f"a 1-step ddpm/ddim grid keeps only t = 0), got {args.sample_steps}")
-    if hasattr(args, "lr") and args.lr is not None and not args.lr > 0:     # written so that NaN fails too
-        raise UserError(f"--lr must be positive, got {args.lr}")
+    if hasattr(args, "lr") and args.lr is not None and not 0 < args.lr < math.inf:   # written so that NaN fails too
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2 ** 32:
+        raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
     for name in ("weight_decay", "warmup_steps", "grad_clip"):
         if getattr(args, name, None) is not None and not getattr(args, name) >= 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -319,18 +323,34 @@ def save_atomic(obj, path):
     """Write to a temporary file, flush it to disk, then rename over the target (atomic on POSIX):
     a crash at any moment leaves either the old or the new file, never a truncated one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:                     # disk full, Ctrl-C mid-write, ...: no half-written file is left
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a short write as a RuntimeError
+            raise UserError(f"cannot write {path} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                            "the previous file, if any, is intact") from e
+        raise
 
 
 def require_folder(path, flag):
-    """UserError unless the folder that is to hold `path` exists: checked before the expensive work."""
+    """UserError unless `path` can be written (its folder exists and takes a file; it is not a folder itself):
+    checked before the expensive work, by writing a file there (mode bits do not tell for root or read-only mounts)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder: give a file name")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror or e})")
 
 
 def load_checkpoint(path):
@@ -547,8 +567,9 @@ def bf16_weights(model):
     return model
 
 
-def save_grid(x, path, nrow):
-    """(N, C, H, W) in [-1, 1] -> a PNG grid (pixels upscaled x4 when images are tiny)."""
+def save_grid(x, path, nrow, fmt=None):
+    """(N, C, H, W) in [-1, 1] -> a PNG grid (pixels upscaled x4 when images are tiny); path: a file name, or a
+    file object with fmt ('PNG', 'JPEG')."""
     from PIL import Image
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     N, C, H, W = x.shape
@@ -561,7 +582,7 @@ def save_grid(x, path, nrow):
     img = Image.fromarray(a[..., 0] if C == 1 else a[..., :3])
     if H <= 32:
         img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
-    img.save(path)
+    img.save(path, format=fmt)
 
 
 def init_distributed():
@@ -619,7 +640,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:
-        if "args" not in resume or "model" not in resume or "opt" not in resume:
+        if not isinstance(resume.get("args"), dict) or not {"model", "ema", "opt", "step", "rng", "config"} <= set(resume):
             raise UserError(f"--resume {args.resume}: not a training checkpoint of this library "
                             "(official weights are sampled with sample.py --ckpt)")
         saved = resume["args"]                       # the run's own settings win over the defaults ...
@@ -663,6 +684,8 @@ def main(argv=None):
     model_cfg = resume["config"]["model"] if resume else dict(
         family=args.model, size=size, input_size=H, in_channels=C, out_channels=objective.out_channels(C),
         num_classes=data["num_classes"], class_dropout_prob=args.class_dropout)
+    if args.cfg_channels is not None and args.cfg_channels > C:
+        raise UserError(f"--cfg-channels {args.cfg_channels} is more than the data's {C} channels")
     if (model_cfg["input_size"], model_cfg["in_channels"]) != (H, C):
         raise UserError(f"the checkpoint's model takes {model_cfg['in_channels']}x{model_cfg['input_size']}^2 "
                         f"inputs but --data gives {C}x{H}^2")
@@ -679,6 +702,8 @@ def main(argv=None):
     model = build_model(model_cfg)
     if args.grad_checkpointing and hasattr(model, "grad_checkpointing"):
         model.grad_checkpointing = True
+    elif args.grad_checkpointing and rank == 0:
+        print(f"warning: --grad-checkpointing is implemented for dit and unet_vit, not {args.model}: ignored")
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     model.to(device).train()
     ema.to(device)
@@ -734,6 +759,9 @@ def main(argv=None):
                             f" from {args.resume}, in a new run folder (the file is not in a RUN/checkpoints/ folder)")
             os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
             os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+            for f in os.listdir(os.path.join(run_dir, "checkpoints")):   # left by a run killed while saving
+                if re.fullmatch(r".+\.pt\.tmp\d+", f):
+                    os.remove(os.path.join(run_dir, "checkpoints", f))
             with open(os.path.join(run_dir, "args.json"), "w") as f:
                 json.dump(vars(args), f, indent=1)
         except OSError as e:
