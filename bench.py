@@ -54,7 +54,8 @@ def get_parser():
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, the median is reported (default: 3)")
     p.add_argument("--sample-batch", type=int, default=64, help="images per sampling run (default: 64)")
     p.add_argument("--sample-steps-scale", type=float, default=1.0, help="multiply every sampler's steps (e.g. 0.04 on CPU)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: from the GPU name)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU, used for every mode (default: "
+                   "from the GPU name, bf16 and TF32 peaks of H100/H200/A100; none elsewhere)")
     p.add_argument("--memory-budget", type=float, default=1.0, help="compiled modes: the activation memory kept "
                    "for backward, between 0 (recompute all it can) and 1 (default); torch's activation_memory_budget")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
@@ -102,9 +103,15 @@ def build(args, device, compile_):
     C, H = (1, 8) if args.tiny else (args.in_channels, args.input_size)
     size = args.size or train.FAMILIES[args.model][2 if args.tiny else 3]
     cfg = dict(family=args.model, size=size, input_size=H, in_channels=C, out_channels=objective.out_channels(C),
-               num_classes=10 if args.tiny else args.num_classes, class_dropout_prob=0.1)
+               num_classes=10 if args.tiny else args.num_classes, class_dropout_prob=args.class_dropout)
     torch.manual_seed(args.seed)
     model = train.build_model(cfg).to(device)
+    if getattr(model, "trains_with_mask", False) and args.mask_ratio > 0:   # one line now, not a ValueError mid-run
+        import mdt
+        try:
+            mdt.check_mask_ratio(model, args.mask_ratio, 0.2 if isinstance(model, mdt.MDTv2) else 0.0)
+        except ValueError as e:
+            raise UserError(f"--mask-ratio: {e}")
     torch._functorch.config.activation_memory_budget = args.memory_budget
     fwd = torch.compile(model, mode=args.compile_mode) if compile_ else model
     return model, fwd, objective, cfg
@@ -229,6 +236,10 @@ def main(argv=None):
         raise UserError(f"--device {args.device}: no such CUDA GPU here ({torch.cuda.device_count()} available); "
                         "use --device cpu")
     train.require_folder(args.json, "--json")                       # checked now: the JSON is written after each mode
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise UserError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if not 0 <= args.class_dropout < 1:
+        raise UserError(f"--class-dropout must be in [0, 1), got {args.class_dropout}")
     if not 0 < args.memory_budget <= 1:
         raise UserError(f"--memory-budget must be in (0, 1], got {args.memory_budget}")
     for name in ("batch_size", "input_size", "in_channels", "num_classes", "steps", "repeats", "sample_batch",
@@ -242,12 +253,16 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAKS.items() if k in gpu), (None, None))
+    peak = (args.peak_tflops,) * 2 if args.peak_tflops else next((v for k, v in PEAKS.items() if k in gpu), (None, None))
     env = dict(device=gpu, torch=torch.__version__, python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
                command="python bench.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    for mode in args.modes:
+    for mode in args.modes + (args.sample_modes or []):
         if mode not in ("fp32", "bf16", "bf16+compile", "fp32+compile"):
-            raise UserError(f"unknown mode {mode!r}")
+            raise UserError(f"unknown mode {mode!r}; choose fp32, bf16, bf16+compile, fp32+compile")
+    if set(args.sample_modes or []) - set(args.modes):
+        raise UserError(f"--sample-modes {' '.join(args.sample_modes)}: each must also be in --modes {' '.join(args.modes)}")
+    if any(m.endswith("+compile") for m in args.modes):           # before the eager modes spend their time
+        train.require_compiler(device, "leave the +compile modes out of --modes")
     results, quality = [], None
     for mode in args.modes:
         r = bench_mode(args, mode, device)
@@ -307,3 +322,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the JSON holds the modes that finished", file=sys.stderr)
+        sys.exit(130)

@@ -1735,6 +1735,12 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     assert rows[1]["saved_activations_gb"] < rows[0]["saved_activations_gb"]
     with pytest.raises(train.UserError, match="--memory-budget"):
         bench.main(["--tiny", "--device", "cpu", "--memory-budget", "0", "--json", str(out)])
+    # --peak-tflops gives an MFU on any device (it was dropped: the flag replaced the (bf16, tf32) pair)
+    row = bench.main(["--tiny", "--device", "cpu", "--modes", "fp32", "--what", "train", "--steps", "1", "--warmup", "0",
+                      "--repeats", "1", "--peak-tflops", "2", "--json", str(out)])[0]
+    assert row["mfu"] == pytest.approx(row["train_tflops"] / 2)
+    with pytest.raises(train.UserError, match="--mask-ratio: mask_ratio 0.9 is invalid"):   # 16 tokens
+        bench.main(["--tiny", "--device", "cpu", "--model", "mdt", "--mask-ratio", "0.9", "--json", str(out)])
 
 
 def test_bench_json_keeps_the_modes_measured_before_a_run_is_cut_short(tmp_path, monkeypatch):
@@ -2229,6 +2235,10 @@ def test_quality_refuses_a_bad_samples_file_before_training_its_judge(tmp_path, 
     (["--what", "trian"], "unknown --what trian"),
     (["--mask-ratio", "1.5"], "--mask-ratio must be in"),
     (["--json", "NODIR/b.json"], "does not exist"),
+    (["--peak-tflops", "-5"], "--peak-tflops must be positive"),
+    (["--class-dropout", "1"], "--class-dropout must be in"),
+    (["--modes", "fp32", "--sample-modes", "bf16"], "each must also be in --modes"),
+    (["--modes", "fp32", "--sample-modes", "fp16"], "unknown mode 'fp16'"),
 ])
 def test_bench_refuses_bad_flags_before_measuring(tmp_path, monkeypatch, bad, match):
     forbid(monkeypatch, (bench, "bench_mode"))
@@ -2390,3 +2400,13 @@ def test_sample_flag_conflicts_and_malformed_state_dicts(tmp_path, one_step_run)
     assert not np.array_equal(a, b) and json.load(open(tmp_path / "raw.json"))["ema"] is False
     with pytest.raises(train.UserError, match="--no-ema: .* holds one set of weights"):
         sample.main(["--ckpt", path, "--size", "DiT-Tiny/2", "--no-ema", "--out", str(tmp_path / "g.png")])
+
+
+def test_bench_checks_the_compiler_before_the_eager_modes(tmp_path, monkeypatch):
+    forbid(monkeypatch, (bench, "bench_mode"))
+
+    def no_compiler(device, hint):
+        raise train.UserError(f"--compile: torch.compile cannot build kernels on this machine; {hint}")
+    monkeypatch.setattr(train, "require_compiler", no_compiler)
+    with pytest.raises(train.UserError, match="leave the \\+compile modes out"):
+        bench.main(["--tiny", "--device", "cpu", "--modes", "fp32", "bf16+compile", "--json", str(tmp_path / "b.json")])
