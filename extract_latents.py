@@ -93,7 +93,7 @@ def load_vae(name, device):
     try:
         return AutoencoderKL.from_pretrained(name).to(device).eval()
     except Exception as e:
-        raise UserError(f"cannot load the VAE {name!r}: {str(e).splitlines()[0][:200]}")
+        raise UserError(f"cannot load the VAE {name!r} (--vae): {str(e).splitlines()[0][:200]}")
 
 
 def write_json(obj, path):
@@ -134,6 +134,7 @@ def main(argv=None):
 
     items, classes = list_images(args.data_path)
     items = items[: args.limit]
+    created = not os.path.isdir(args.out)
     if rank == 0:                                  # the output folder, before the VAE loads
         try:
             os.makedirs(args.out, exist_ok=True)
@@ -141,15 +142,29 @@ def main(argv=None):
             raise UserError(f"--out {args.out}: cannot make this folder ({e.strerror or e})")
     N, h = len(items), args.image_size // 8
     meta_path = os.path.join(args.out, "meta.json")
-    vae = load_vae(args.vae, device)
+    try:
+        vae = load_vae(args.vae, device)
+    except UserError:
+        if rank == 0 and created and not os.listdir(args.out):   # a bad --vae leaves no empty folder behind
+            os.rmdir(args.out)
+        raise
     C = vae.config.latent_channels
     meta = dict(format="moments-v1", num_images=N, num_done=0, num_classes=len(classes), classes=classes,
                 image_size=args.image_size, latent_size=h, latent_channels=C, scale_factor=SCALE_FACTOR,
                 vae=args.vae, data_path=os.path.abspath(args.data_path), unreadable=[],
                 flips="both orientations stored: [:, 1] holds the moments of the horizontally flipped image")
     if rank == 0:
-        old = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
-        if old and not args.overwrite:
+        old = None
+        if os.path.isfile(meta_path) and not args.overwrite:
+            try:                                   # an unfinished extraction to resume, checked whole
+                old = json.load(open(meta_path))
+                for name, shape in (("moments.npy", (N, 2, 2 * C, h, h)), ("labels.npy", (N,))):
+                    if old.get("num_images") == N and np.load(os.path.join(args.out, name), mmap_mode="r").shape != shape:
+                        raise ValueError(f"{name} does not have the shape {shape}")
+            except (OSError, ValueError) as e:     # JSONDecodeError is a ValueError
+                raise UserError(f"{args.out} holds a damaged extraction ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:120]}); use --overwrite to start again")
+        if old:
             same = all(old.get(k) == meta[k] for k in ("num_images", "image_size", "vae", "data_path", "classes"))
             if not same:
                 raise UserError(f"{args.out} holds an extraction with other settings (images, size, VAE or data); "
@@ -224,3 +239,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the same command resumes from the last finished batch", file=sys.stderr)
+        sys.exit(130)

@@ -201,12 +201,27 @@ def main(argv=None):
     p.add_argument("--json", default="quality.json", help="--all writes its table here (default: quality.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, sampling and the classifier (default: 0)")
     args = p.parse_args(argv)
+    if sum(map(bool, (args.samples, args.all, args.run))) > 1:
+        raise train.UserError("give one of --samples, --all and --run")
     if args.all or args.run:                     # checked before any training: the table is written at the end
         train.require_folder(args.json, "--json")
     if args.all:
         for name in ("steps", "sample_steps"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise train.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        try:                                     # refused now, not after the judge and the first pairs have trained
+            extra = shlex.split(args.train_args)
+        except ValueError as e:
+            raise train.UserError(f"--train-args {args.train_args!r}: {e}")
+        train.get_parser().parse_args(extra)     # an unknown flag: argparse's one-line error, exit 2
+        for variant in args.models:
+            family, _, size = variant.partition(":")
+            if family not in train.FAMILIES or (size and size not in train.registry(family)):
+                raise train.UserError(f"--models {variant}: give FAMILY or FAMILY:SIZE, FAMILY one of "
+                                      f"{', '.join(train.FAMILIES)} and SIZE from its registry")
+        bad = [o for o in args.objectives if o not in train.OBJECTIVES]
+        if bad:
+            raise train.UserError(f"--objectives {' '.join(bad)}: choose from {', '.join(train.OBJECTIVES)}")
         return evaluate_all(args)
     if args.run:
         if not args.samplers:
@@ -230,3 +245,6 @@ if __name__ == "__main__":
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -2204,9 +2204,16 @@ def test_quality_checks_json_and_sample_steps_before_training(tmp_path, monkeypa
     nodir = str(tmp_path / "nodir" / "q.json")
     for argv, match in ((["--all", "--json", nodir], "does not exist"),
                         (["--run", one_step_run, "--samplers", "ddim:2", "--json", nodir], "does not exist"),
-                        (["--all", "--sample-steps", "0"], "--sample-steps must be positive")):
+                        (["--all", "--sample-steps", "0"], "--sample-steps must be positive"),
+                        (["--all", "--samples", "s.npz"], "give one of --samples, --all and --run"),
+                        (["--all", "--train-args", "'--lr"], "--train-args .*No closing quotation"),
+                        (["--all", "--models", "dit:DiT-XL/9"], "--models dit:DiT-XL/9"),
+                        (["--all", "--models", "vit"], "--models vit"),
+                        (["--all", "--objectives", "flow"], "--objectives flow")):
         with pytest.raises(train.UserError, match=match):
             quality.main(argv)
+    with pytest.raises(SystemExit):                      # an unknown train.py flag: argparse's error, before training
+        quality.main(["--all", "--train-args", "--lr-typo 3"])
 
 
 def test_quality_refuses_a_bad_samples_file_before_training_its_judge(tmp_path, monkeypatch):
@@ -2307,6 +2314,27 @@ def test_extract_latents_unwritable_files_are_a_user_error(tmp_path, tiny_vae):
     with pytest.raises(extract_latents.UserError, match="cannot write the latent files"):
         extract_latents.main(["--data-path", str(make_imagenet_like(tmp_path / "d", 1)), "--image-size", "32",
                               "--vae", tiny_vae[0], "--num-workers", "0", "--out", str(tmp_path / "out")])
+
+
+def test_extract_latents_damaged_output_and_bad_vae(tmp_path, tiny_vae):
+    import extract_latents
+    common = ["--data-path", str(make_imagenet_like(tmp_path / "d", 1)), "--image-size", "32", "--num-workers", "0",
+              "--out", str(tmp_path / "out")]
+    # a bad --vae leaves no empty output folder behind
+    with pytest.raises(extract_latents.UserError, match="--vae"):
+        extract_latents.main(common + ["--vae", str(tmp_path / "no_vae")])
+    assert not (tmp_path / "out").exists()
+    # a damaged meta.json, or a missing moments.npy: one line, and --overwrite starts again
+    extract_latents.main(common + ["--vae", tiny_vae[0], "--limit", "2"])
+    for damage in ("meta", "moments"):
+        if damage == "meta":
+            (tmp_path / "out" / "meta.json").write_text("{broken")
+        else:
+            os.remove(tmp_path / "out" / "moments.npy")
+        with pytest.raises(extract_latents.UserError, match="damaged extraction.*--overwrite"):
+            extract_latents.main(common + ["--vae", tiny_vae[0], "--limit", "2"])
+        extract_latents.main(common + ["--vae", tiny_vae[0], "--limit", "2", "--overwrite"])
+        assert json.load(open(tmp_path / "out" / "meta.json"))["num_done"] == 2
 
 def test_extract_latents_with_torchrun_equals_one_process(tmp_path, tiny_vae):
     vae_path, _ = tiny_vae
