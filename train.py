@@ -105,8 +105,8 @@ def add_sampling_args(p):
     p.add_argument("--sampler", default=None, help="ddpm: ddpm, ddim, dpm++; sit: ode-euler, ode-heun, ode-dopri5, "
                    "sde-euler, sde-heun (default: ddpm / sde-euler, the papers' samplers)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default: 250 official, 50 on digits)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale w, 1 = off (default: 4.0; 1 for a model without a null label; "
-                   "sample.py on official files: the paper's FID scale for a .npz)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale w, 1 = off (default: "
+                   "4.0; 1 for a model without a null label; sample.py on official files: the paper's FID scale for a .npz)")
     p.add_argument("--cfg-channels", type=int, default=None, help="guide only the first K channels (3 = the official DiT/MDT quirk; default: all)")
     p.add_argument("--scale-pow", type=float, default=None, help="power-cosine guidance schedule exponent (MDT/DiffiT use 4; default: constant)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
@@ -334,8 +334,8 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a short write as a RuntimeError
-            raise UserError(f"cannot write {path} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
-                            "the previous file, if any, is intact") from e
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot write {path} ({why}); the previous file, if any, is intact") from e
         raise
 
 
