@@ -158,14 +158,14 @@ def main(argv=None):
         if os.path.isfile(meta_path) and not args.overwrite:
             try:                                   # an unfinished extraction to resume, checked whole
                 old = json.load(open(meta_path))
+                same = all(old.get(k) == meta[k] for k in ("num_images", "image_size", "vae", "data_path", "classes"))
                 for name, shape in (("moments.npy", (N, 2, 2 * C, h, h)), ("labels.npy", (N,))):
-                    if old.get("num_images") == N and np.load(os.path.join(args.out, name), mmap_mode="r").shape != shape:
+                    if same and np.load(os.path.join(args.out, name), mmap_mode="r").shape != shape:
                         raise ValueError(f"{name} does not have the shape {shape}")
-            except (OSError, ValueError) as e:     # JSONDecodeError is a ValueError
+            except (OSError, ValueError, AttributeError) as e:     # JSONDecodeError is a ValueError
                 raise UserError(f"{args.out} holds a damaged extraction ({type(e).__name__}: "
                                 f"{str(e).strip().splitlines()[0][:120]}); use --overwrite to start again")
         if old:
-            same = all(old.get(k) == meta[k] for k in ("num_images", "image_size", "vae", "data_path", "classes"))
             if not same:
                 raise UserError(f"{args.out} holds an extraction with other settings (images, size, VAE or data); "
                                 "use another --out or --overwrite")
