@@ -302,7 +302,8 @@ def main(argv=None):
     if npz:
         # ADM/DiT conversion: clamp(127.5 x + 128, 0, 255) then truncate to uint8; NHWC
         arr = (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        write_atomic(out, lambda f: np.savez(f, arr_0=arr, **(dict(labels=y.numpy().astype(np.int64)) if n_cls else {})))
+        arrays = dict(arr_0=arr, **(dict(labels=y.numpy().astype(np.int64)) if n_cls else {}))
+        train.write_atomic(out, lambda f: np.savez(f, **arrays))
         with open(os.path.splitext(out)[0] + ".json", "w") as f:
             json.dump(dict(ckpt=os.path.abspath(args.ckpt), ema=not args.no_ema, objective=obj_name, sampler=args.sampler,
                            steps=args.sample_steps, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
@@ -313,26 +314,10 @@ def main(argv=None):
                            precision=args.precision, compile=args.compile), f, indent=1)
         print(f"wrote {out}: arr_0 {arr.shape} uint8, " + (f"labels {y.shape}" if n_cls else "no labels (unconditional)"))
     else:
-        write_atomic(out, lambda f: train.save_grid(x, f, nrow=10 if n_cls == 10 else max(1, int(math.sqrt(n))),
-                                                    fmt="JPEG" if ext.lower() in (".jpg", ".jpeg") else "PNG"))
+        nrow, fmt = 10 if n_cls == 10 else max(1, int(math.sqrt(n))), "JPEG" if ext.lower() in (".jpg", ".jpeg") else "PNG"
+        train.write_atomic(out, lambda f: train.save_grid(x, f, nrow=nrow, fmt=fmt))
         print(f"wrote {out}: {n} samples" + (f", labels {y.tolist()[:20]}{' ...' if n > 20 else ''}" if n_cls else ""))
     return out
-
-
-def write_atomic(path, write):
-    """write(f) into a temporary file beside path, then rename it over path: a failed write (disk full) leaves no
-    half-written samples; UserError for it."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from e
-        raise
 
 
 if __name__ == "__main__":

@@ -320,23 +320,28 @@ def clean_state_dict(sd):
     return out
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file, flush it to disk, then rename over the target (atomic on POSIX):
-    a crash at any moment leaves either the old or the new file, never a truncated one."""
+def write_atomic(path, write):
+    """write(f) into a temporary file beside path, flush it to disk, then rename it over path (atomic on POSIX): a
+    crash at any moment leaves either the old or the new file, never a truncated one. A write that fails (disk
+    full, Ctrl-C) removes the temporary file; an OSError (or torch.save's RuntimeError) becomes a UserError."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:                     # disk full, Ctrl-C mid-write, ...: no half-written file is left
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a short write as a RuntimeError
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot write {path} ({why}); the previous file, if any, is intact") from e
         raise
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def require_folder(path, flag):
