@@ -33,7 +33,12 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:          # progress bars only: the file runs on torch (+ numpy) alone when copied elsewhere
+    def tqdm(iterable, **kwargs):
+        return iterable
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -59,7 +59,12 @@ Deviations from the official code (the numbers of a sampler or loss are otherwis
 import math
 
 import torch
-from tqdm.auto import tqdm
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:          # progress bars only: the file runs on torch (+ numpy) alone when copied elsewhere
+    def tqdm(iterable, **kwargs):
+        return iterable
 
 
 def mean_flat(x):

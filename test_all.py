@@ -2438,3 +2438,20 @@ def test_bench_checks_the_compiler_before_the_eager_modes(tmp_path, monkeypatch)
     monkeypatch.setattr(train, "require_compiler", no_compiler)
     with pytest.raises(train.UserError, match="leave the \\+compile modes out"):
         bench.main(["--tiny", "--device", "cpu", "--modes", "fp32", "bf16+compile", "--json", str(tmp_path / "b.json")])
+
+
+def test_concept_files_stand_alone_on_torch_and_numpy(tmp_path):
+    # each concept file, alone in its own folder, imports with tqdm unavailable and no sibling importable
+    import shutil
+    names = ["dit", "unet_vit", "mdt", "diffit", "ddpm", "sit"]
+    for n in names:
+        os.makedirs(tmp_path / n)
+        shutil.copy(os.path.join(HERE, n + ".py"), tmp_path / n)
+    code = ("import importlib, sys\nsys.modules['tqdm'] = sys.modules['tqdm.auto'] = None\n"
+            f"for n in {names}:\n"
+            f"    for m in {names}:\n        sys.modules.pop(m, None)\n"
+            f"    sys.path.insert(0, {str(tmp_path)!r} + '/' + n)\n    importlib.import_module(n)\n    sys.path.pop(0)\n")
+    os.makedirs(tmp_path / "cwd")                   # an empty working folder: nothing importable from there either
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path / "cwd", timeout=120,
+                       env=dict(os.environ, PYTHONPATH=""))
+    assert r.returncode == 0, r.stderr[-800:]
