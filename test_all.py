@@ -2455,3 +2455,234 @@ def test_concept_files_stand_alone_on_torch_and_numpy(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path / "cwd", timeout=120,
                        env=dict(os.environ, PYTHONPATH=""))
     assert r.returncode == 0, r.stderr[-800:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# bench.py arithmetic and the speed paths (from a mutation round: each test fails on a one-line bug there)
+# ---------------------------------------------------------------------------------------------------
+
+def test_bench_timed_excludes_warmup_syncs_each_block_and_reports_the_median(monkeypatch):
+    # a fake clock: each call of fn advances it by the next duration; sync is logged. warm-up calls are very slow
+    # (compiling), the three timed blocks of 2 calls take 1+1, 2+2 and 9+9 s: median per call 2 (min 1, mean 4)
+    import time
+    clock, log, real_sync = [0.0], [], bench.sync
+    durations = iter([100.0, 100.0, 100.0] + [1.0] * 2 + [2.0] * 2 + [9.0] * 2)
+
+    def fn():
+        clock[0] += next(durations)
+        log.append("call")
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench, "sync", lambda device: log.append("sync"))
+    assert bench.timed(fn, torch.device("cpu"), steps=2, warmup=3, repeats=3) == 2.0
+    assert log == ["call"] * 3 + ["sync", "call", "call", "sync"] * 3
+    seen = []                                           # and sync() synchronises the CUDA device it is given
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: seen.append(d))
+    real_sync(torch.device("cpu"))
+    real_sync(torch.device("cuda:0"))
+    assert seen == [torch.device("cuda:0")]
+
+
+def test_bench_flop_throughput_and_mfu_arithmetic(tmp_path, monkeypatch):
+    # timed() pinned to 0.5 s a call: images/s = B / 0.5; TFLOP/s = 3 x (forward [+ masked forward]) GFLOPs x img/s
+    # / 1e3; MFU divides by the bf16 peak in bf16 modes and by the TF32 peak in fp32 modes (an H100 by name)
+    monkeypatch.setattr(bench, "timed", lambda fn, device, steps, warmup, repeats: 0.5)
+    monkeypatch.setattr(bench.platform, "processor", lambda: "NVIDIA H100 80GB HBM3")
+    common = ["--tiny", "--device", "cpu", "--what", "train", "forward", "--json", str(tmp_path / "b.json")]
+    fp32, bf16 = bench.main(common + ["--modes", "fp32", "bf16"])
+    for r in (fp32, bf16):
+        assert r["batch"] == 16 and r["train_img_s"] == pytest.approx(32) and r["forward_img_s"] == pytest.approx(32)
+        assert r["train_tflops"] == pytest.approx(3 * r["gflops_fwd_per_img"] * 32 / 1e3)
+    assert fp32["mfu"] == pytest.approx(fp32["train_tflops"] / 494.5)
+    assert bf16["mfu"] == pytest.approx(bf16["train_tflops"] / 989.0)
+    b4 = bench.main(common + ["--modes", "fp32", "--batch-size", "4"])[0]     # FLOPs per image: batch-independent
+    assert b4["gflops_fwd_per_img"] == pytest.approx(fp32["gflops_fwd_per_img"])
+    # MDT: the masked pass runs on fewer tokens (fewer FLOPs than the full pass) and is added to the training FLOPs
+    m = bench.main(common + ["--modes", "fp32", "--model", "mdt", "--mask-ratio", "0.5"])[0]
+    assert 0 < m["gflops_masked_fwd_per_img"] < 0.9 * m["gflops_fwd_per_img"]
+    assert m["train_tflops"] == pytest.approx(3 * (m["gflops_fwd_per_img"] + m["gflops_masked_fwd_per_img"]) * 32 / 1e3)
+
+
+def test_count_flops_sees_the_attention_matmuls(monkeypatch):
+    # the attention FLOPs are counted on CPU too: the count equals that of the same model with attention
+    # written as plain matmuls (QK^T and AV)
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    m = dit.DiT_models["DiT-Tiny/2"](input_size=8, in_channels=1, num_classes=10).eval()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.full((2,), 500), torch.randint(0, 10, (2,))
+    counted = bench.count_flops(m, x, t, y)
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, *a, **kw: (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1) @ v)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(x, t, y)
+    assert counted == fc.get_total_flops()
+
+
+def test_saved_activation_bytes_skips_parameters_and_counts_each_storage_once():
+    # p * x saves p (a parameter: not counted) and x; (p * x) * x saves p * x and x again (counted once)
+    p = torch.nn.Parameter(torch.randn(1000))
+    x = torch.randn(1000, requires_grad=True)
+    n = bench.saved_activation_bytes(lambda: (p * x * x).sum(), [p])
+    assert n == 2 * 1000 * 4 and p.grad is not None       # x and p * x, fp32; the backward ran
+
+
+def test_bench_saved_activations_exclude_the_parameters(tmp_path, monkeypatch):
+    # bench's row passes the model's parameters: its saved activations scale with the batch (twice the images,
+    # twice the bytes, up to batch-independent bits far smaller than the weights)
+    monkeypatch.setattr(bench, "timed", lambda fn, device, steps, warmup, repeats: 0.5)
+    common = ["--tiny", "--device", "cpu", "--what", "train", "--modes", "fp32", "--json", str(tmp_path / "b.json")]
+    r8, r16 = (bench.main(common + ["--batch-size", b])[0] for b in ("8", "16"))
+    param_gb = r8["params"] * 4 / 1e9
+    assert abs(r16["saved_activations_gb"] - 2 * r8["saved_activations_gb"]) < 0.2 * param_gb
+
+
+def test_bench_training_step_is_zero_grad_forward_backward_step_ema(tmp_path, monkeypatch):
+    # the timed step is train.py's: grads freed before the forward, backward, AdamW step (on grads), EMA update
+    log, real_adamw, real_ema = [], train.adamw, train.update_ema
+
+    def adamw(params, device, **kw):
+        opt = real_adamw(params, device, **kw)
+        zero, step = opt.zero_grad, opt.step
+        opt.zero_grad = lambda *a, **k: (log.append("zero_grad"), zero(*a, **k))[1]
+
+        def stepped(*a, **k):
+            g = [p.grad for group in opt.param_groups for p in group["params"] if p.requires_grad]
+            log.append("step" if all(x is not None for x in g) else "step-without-grads")
+            return step(*a, **k)
+        opt.step = stepped
+        return opt
+    monkeypatch.setattr(train, "adamw", adamw)
+    monkeypatch.setattr(train, "update_ema", lambda ema, model, decay: (log.append(f"ema {decay}"), real_ema(ema, model, decay))[1])
+    real_build = bench.build
+
+    def build(*a, **kw):
+        model, fwd, objective, cfg = real_build(*a, **kw)
+        model.register_forward_pre_hook(lambda mod, inp: log.append("forward"))
+        return model, model, objective, cfg
+    monkeypatch.setattr(bench, "build", build)
+    bench.main(["--tiny", "--device", "cpu", "--modes", "fp32", "--what", "train", "--steps", "2", "--warmup", "1",
+                "--repeats", "1", "--json", str(tmp_path / "b.json")])
+    start = log.index("zero_grad")
+    assert log[start:start + 12] == ["zero_grad", "forward", "step", "ema 0.9999"] * 3
+
+
+def test_bench_bf16_modes_infer_with_bf16_weights(tmp_path, monkeypatch):
+    calls, real = [], train.bf16_weights
+    monkeypatch.setattr(train, "bf16_weights", lambda m: calls.append(type(m).__name__) or real(m))
+    monkeypatch.setattr(bench, "timed", lambda fn, device, steps, warmup, repeats: fn() or 0.5)
+    bench.main(["--tiny", "--device", "cpu", "--modes", "fp32", "bf16", "--what", "forward",
+                "--json", str(tmp_path / "b.json")])
+    assert calls == ["DiT"]                                    # once, for the bf16 mode only
+
+
+def test_bench_quality_errors_are_relative_to_the_output_scale(monkeypatch):
+    # the errors are max |out - out_fp32| / max |out_fp32|: a network whose output is 1024x larger (exact in
+    # any float format) has the same errors
+    import torch._dynamo
+    args = bench.get_parser().parse_args(["--tiny", "--device", "cpu"])
+    real = train.build_model
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a, **kw):
+            return self.m(*a, **kw) * 1024.0
+    real_compile, compiled = torch.compile, []     # aot_eager: the scale test needs no code generation
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m, backend="aot_eager"))
+    errs = []
+    for build in (real, lambda cfg: Scaled(real(cfg))):
+        monkeypatch.setattr(train, "build_model", build)
+        torch._dynamo.reset()
+        errs.append(bench.quality_check(args, torch.device("cpu")))
+    torch._dynamo.reset()
+    assert errs[0]["bf16_rel_err"] > 0
+    assert errs[1]["bf16_rel_err"] == pytest.approx(errs[0]["bf16_rel_err"], rel=1e-3)
+    assert errs[1]["compile_fp32_rel_err"] < 1e-5 and len(compiled) == 2     # the compiled output is compared
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel(monkeypatch):
+    from torch.torch_version import TorchVersion
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    assert train.adamw(p, torch.device("cuda"), lr=1e-3).defaults["fused"] is True   # built lazily: no GPU needed
+    for version, fused in (("2.3.1", False), ("2.4.0", True), ("2.10.0", True)):    # as versions, not as strings
+        monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+        assert train.adamw(p, torch.device("cpu"), lr=1e-3).defaults["fused"] is fused, version
+
+
+def test_bf16_weights_casts_linear_and_conv_weights_only():
+    torch.manual_seed(0)
+    m = train.bf16_weights(dit.DiT_models["DiT-Tiny/2"](input_size=8, in_channels=1, num_classes=10))
+    kinds = set()
+    for mod in m.modules():
+        for p in mod.parameters(recurse=False):
+            want = torch.bfloat16 if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) else torch.float32
+            assert p.dtype == want, (type(mod).__name__, p.dtype)
+            kinds.add((type(mod).__name__, p.dtype))
+    assert ("Conv2d", torch.bfloat16) in kinds and ("Linear", torch.bfloat16) in kinds
+    assert m.pos_embed.dtype == torch.float32
+
+
+def test_grad_clip_clips_the_model_gradients_every_step(tmp_path, monkeypatch):
+    calls, real = [], torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *a, **kw):
+        params = list(params)
+        calls.append((max_norm, sum(p.numel() for p in params if p.grad is not None)))
+        return real(params, max_norm, *a, **kw)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    train.main(["--steps", "2", "--batch-size", "4", "--log-every", "1", "--sample-every", "0", "--no-progress",
+                "--results-dir", str(tmp_path / "a"), "--grad-clip", "0.5"])
+    n = sum(p.numel() for p in train.build_model(dict(family="dit", size="DiT-Tiny/2", input_size=8, in_channels=1,
+                                                         out_channels=2, num_classes=10, class_dropout_prob=0.1)).parameters()
+            if p.requires_grad)
+    assert calls == [(0.5, n)] * 2
+    calls.clear()
+    train.main(["--steps", "1", "--batch-size", "4", "--sample-every", "0", "--no-progress",
+                "--results-dir", str(tmp_path / "b"), "--grad-clip", "0"])
+    assert calls == []
+
+
+def test_require_compiler_probes_the_backward_too(monkeypatch):
+    # the backward compiles lazily: a compiler that fails only there must be reported by the probe
+    class BackwardFails(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("backward kernel failed")
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: lambda *a: BackwardFails.apply(f(*a)))
+    with pytest.raises(train.UserError, match="cannot build kernels.*backward kernel failed.*; the hint$"):
+        train.require_compiler(torch.device("cpu"), "the hint")
+
+
+def test_write_atomic_cleans_up_after_an_interrupt_and_syncs_before_the_rename(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    train.save_atomic({"a": 1}, path)
+    before = open(path, "rb").read()
+
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):                  # Ctrl-C mid-write: not a UserError, no debris
+        train.write_atomic(path, interrupted)
+    assert os.listdir(tmp_path) == ["last.pt"] and open(path, "rb").read() == before
+    log, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (log.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (log.append("replace"), real_replace(a, b))[1])
+    train.save_atomic({"a": 2}, path)
+    assert log == ["fsync", "replace"] and torch.load(path)["a"] == 2
+
+
+def test_sample_bf16_stores_the_weights_in_bf16(tmp_path, monkeypatch, one_step_run):
+    # sample.py --precision bf16 casts the Linear/Conv weights once (bench and the README timings assume it)
+    import sample
+    seen, real = [], train.bf16_weights
+    monkeypatch.setattr(train, "bf16_weights", lambda m: seen.append(type(m).__name__) or real(m))
+    for precision in ("fp32", "bf16"):
+        sample.main(["--ckpt", one_step_run, "--num-samples", "2", "--sample-steps", "2", "--precision", precision,
+                     "--out", str(tmp_path / f"{precision}.png")])
+    assert seen == ["DiT"]
