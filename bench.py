@@ -106,12 +106,8 @@ def build(args, device, compile_):
                num_classes=10 if args.tiny else args.num_classes, class_dropout_prob=args.class_dropout)
     torch.manual_seed(args.seed)
     model = train.build_model(cfg).to(device)
-    if getattr(model, "trains_with_mask", False) and args.mask_ratio > 0:   # one line now, not a ValueError mid-run
-        import mdt
-        try:
-            mdt.check_mask_ratio(model, args.mask_ratio, 0.2 if isinstance(model, mdt.MDTv2) else 0.0)
-        except ValueError as e:
-            raise UserError(f"--mask-ratio: {e}")
+    if getattr(model, "trains_with_mask", False) and args.mask_ratio > 0:
+        train.require_mask_ratio(model, args.mask_ratio)
     torch._functorch.config.activation_memory_budget = args.memory_budget
     fwd = torch.compile(model, mode=args.compile_mode) if compile_ else model
     return model, fwd, objective, cfg

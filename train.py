@@ -546,6 +546,15 @@ def update_ema(ema, model, decay):
         b_ema.copy_(b)
 
 
+def require_mask_ratio(model, ratio):
+    """--mask-ratio that could keep no token of a masking backbone: one line now, not a ValueError at some later step."""
+    mdt = importlib.import_module("mdt")
+    try:
+        mdt.check_mask_ratio(model, ratio, 0.2 if isinstance(model, mdt.MDTv2) else 0.0)   # v2 adds up to 0.2
+    except ValueError as e:
+        raise UserError(f"--mask-ratio: {e}")
+
+
 def require_compiler(device, hint):
     """--compile: a one-line UserError (ending in `hint`) where torch.compile cannot build kernels, a CPU run needing a
     C++ compiler and a GPU run triton. Otherwise the first loss.backward() fails deep inside the compiler (the
@@ -731,12 +740,8 @@ def main(argv=None):
         elif len(states) == world:
             torch.set_rng_state(states[rank])
     masked = getattr(model, "trains_with_mask", False) and args.mask_ratio > 0
-    if masked:   # a ratio that could keep no token: one line now, not a ValueError at some later step
-        mdt = importlib.import_module("mdt")
-        try:
-            mdt.check_mask_ratio(model, args.mask_ratio, 0.2 if isinstance(model, mdt.MDTv2) else 0.0)
-        except ValueError as e:
-            raise UserError(f"--mask-ratio: {e}")
+    if masked:
+        require_mask_ratio(model, args.mask_ratio)
     # a masking backbone run without its masked pass leaves the side block unused: DDP must be told
     unused = getattr(model, "trains_with_mask", False) and not masked
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
