@@ -244,6 +244,9 @@ def main(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    ignored = train.ignored_flags(train.given_flags(get_parser(), argv), args.objective)
+    if ignored:
+        print(ignored)
     if args.tiny:
         args.batch_size = min(args.batch_size, 16)
     torch.backends.cuda.matmul.allow_tf32 = True

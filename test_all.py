@@ -259,6 +259,23 @@ def test_min_snr_defaults():
     assert train.build_objective(train.objective_config(train.get_parser().parse_args([]))).mse_weight is None
 
 
+def test_flags_of_the_other_objective_are_warned_about_and_ignored(tmp_path, capsys):
+    # e.g. --min-snr with sit: sit's loss has no such weighting; the warning names what was given, only that
+    def warning(*a):
+        return train.ignored_flags(train.given_flags(train.get_parser(), list(a)), train.get_parser().parse_args(list(a)).objective)
+    assert warning("--objective", "sit", "--min-snr") == "warning: --min-snr is a flag of --objective ddpm: ignored"
+    assert warning("--objective", "sit", "--no-min-snr", "--beta-schedule=cosine", "--path-type", "GVP") == \
+        "warning: --beta-schedule --min-snr are flags of --objective ddpm: ignored"
+    assert warning("--time-scale", "2", "--prediction", "score") == \
+        "warning: --prediction --time-scale are flags of --objective sit: ignored"
+    assert warning("--min-snr", "--timestep-offset", "1") is None and warning("--objective", "sit", "--path-type", "VP") is None
+    run = train.main(TINY + ["--objective", "sit", "--min-snr", "--steps", "1", "--sample-every", "0",
+                             "--results-dir", str(tmp_path)])
+    assert "warning: --min-snr is a flag of --objective ddpm: ignored" in capsys.readouterr().out
+    train.main(["--resume", run, "--steps", "2", "--no-min-snr", "--no-progress"])   # resuming: the saved sit run
+    assert "warning: --min-snr is a flag of --objective ddpm: ignored" in capsys.readouterr().out
+
+
 def test_official_recipe_by_family():
     # off the digits each family trains with its own optimizer recipe (README, "ImageNet latents"); flags win
     def opt(preset, *a):
@@ -1722,10 +1739,11 @@ def test_mdt_compiled_masked_forward_does_not_recompile_every_step():
 import bench  # noqa: E402
 
 
-def test_bench_runs_on_cpu_and_writes_json(tmp_path):
+def test_bench_runs_on_cpu_and_writes_json(tmp_path, capsys):
     out = tmp_path / "b.json"
     rows = bench.main(["--tiny", "--device", "cpu", "--objective", "sit", "--modes", "fp32", "bf16", "--steps", "1",
-                       "--warmup", "1", "--repeats", "1", "--sample-steps-scale", "0.02", "--json", str(out)])
+                       "--warmup", "1", "--repeats", "1", "--sample-steps-scale", "0.02", "--json", str(out), "--min-snr"])
+    assert "warning: --min-snr is a flag of --objective ddpm: ignored" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert [r["mode"] for r in saved["results"]] == ["fp32", "bf16"] and saved["env"]["command"].startswith("python bench.py")
     for r in rows:

@@ -383,6 +383,20 @@ OBJECTIVE_FLAGS = {"beta_schedule": "beta_schedule", "no_learn_sigma": "learn_si
                    "train_eps": "train_eps", "sample_eps": "sample_eps", "time_scale": "time_scale"}
 
 
+# flags that only one objective reads: given with the other, they would do nothing
+OBJECTIVE_ONLY = {"ddpm": ("beta_schedule", "no_learn_sigma", "timestep_offset", "min_snr"),
+                  "sit": ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps", "time_scale")}
+
+
+def ignored_flags(given, objective):
+    """A warning for the flags on the command line that only the other objective reads, or None (a warning, not
+    an error: quality.py passes one --train-args to runs of both objectives)."""
+    other = next(name for name in OBJECTIVE_ONLY if name != objective)
+    flags = ["--" + k.replace("_", "-") for k in OBJECTIVE_ONLY[other] if k in given]
+    if flags:
+        return f"warning: {' '.join(flags)} {'is a flag' if len(flags) == 1 else 'are flags'} of --objective {other}: ignored"
+
+
 def check_same_network(args, given, cfg):
     """--resume: a flag given again that shapes the network or the objective must repeat the checkpoint's value;
     a different one would be ignored (the checkpoint's config is built) while the run logs and saves it."""
@@ -653,13 +667,13 @@ def next_run_dir(results_dir, name):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    given = given_flags(get_parser(), argv)
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:
         if not isinstance(resume.get("args"), dict) or not {"model", "ema", "opt", "step", "rng", "config"} <= set(resume):
             raise UserError(f"--resume {args.resume}: not a training checkpoint of this library "
                             "(official weights are sampled with sample.py --ckpt)")
         saved = resume["args"]                       # the run's own settings win over the defaults ...
-        given = given_flags(get_parser(), argv)
         for k, v in saved.items():
             if k not in given and k != "resume":
                 setattr(args, k, v)                  # ... unless set again on this command line
@@ -719,6 +733,8 @@ def main(argv=None):
         model.grad_checkpointing = True
     elif args.grad_checkpointing and rank == 0:
         print(f"warning: --grad-checkpointing is implemented for dit and unet_vit, not {args.model}: ignored")
+    if ignored_flags(given, args.objective) and rank == 0:
+        print(ignored_flags(given, args.objective))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     model.to(device).train()
     ema.to(device)
