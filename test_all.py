@@ -2309,8 +2309,14 @@ def test_torchrun_resume_continues_the_same_run(tmp_path):
     run = os.path.join(tmp_path / "a", os.listdir(tmp_path / "a")[0])
     straight = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
     torchrun("train.py", "--resume", os.path.join(run, "checkpoints", "0000002.pt"), "--no-progress")
-    resumed = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    # step 2 is behind the run's last.pt: the resumed run is a new folder beside it (reading run's last.pt again
+    # would compare the straight run with itself)
+    new = [d for d in os.listdir(tmp_path / "a") if d != os.path.basename(run)]
+    assert len(new) == 1
+    resumed = torch.load(os.path.join(tmp_path / "a", new[0], "checkpoints", "last.pt"), weights_only=True)
     assert resumed["step"] == 4 and len(resumed["rng"]["torch"]) == 2
+    # each rank continued its own model-side RNG stream (label dropout), not rank 0's
+    assert all(torch.equal(a, b) for a, b in zip(straight["rng"]["torch"], resumed["rng"]["torch"]))
     for k in straight["model"]:
         torch.testing.assert_close(straight["model"][k], resumed["model"][k], atol=1e-6, rtol=1e-5)
 
@@ -2704,3 +2710,260 @@ def test_sample_bf16_stores_the_weights_in_bf16(tmp_path, monkeypatch, one_step_
         sample.main(["--ckpt", one_step_run, "--num-samples", "2", "--sample-steps", "2", "--precision", precision,
                      "--out", str(tmp_path / f"{precision}.png")])
     assert seen == ["DiT"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py / sample.py / quality.py / extract_latents.py script logic (from a mutation round on the scripts:
+# each test fails on a one-line bug there that the tests above let through)
+# ---------------------------------------------------------------------------------------------------
+
+def test_numeric_flags_on_the_edge_of_their_range_are_refused(tmp_path):
+    # each value is exactly the excluded end of its range: a `<=` written for a `<` would let it train
+    # (--ema 1 never moves the EMA, --class-dropout 1 drops every label, beta 1 divides by 0 in Adam's bias
+    # correction, --sample-every -1 draws a grid every step)
+    for argv, match in ((["--lr", "0"], "--lr must be a positive number"),
+                        (["--ema", "1"], r"--ema must be in \[0, 1\)"),
+                        (["--class-dropout", "1"], r"--class-dropout must be in \[0, 1\)"),
+                        (["--betas", "0.9", "1"], r"--betas must be in \[0, 1\)"),
+                        (["--sample-every", "-1"], "--sample-every must be >= 0"),
+                        (["--ckpt-every", "-1"], "--ckpt-every must be >= 0"),
+                        (["--objective", "sit", "--train-eps", "0.5"], r"--train-eps must be in \[0, 0.5\)")):
+        with pytest.raises(train.UserError, match=match):
+            train.main(TINY + ["--steps", "1", "--results-dir", str(tmp_path / "x")] + argv)
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_ema_follows_the_model_at_every_update(tmp_path):
+    # --ema 0: the EMA is a copy of the model after each update (an EMA never updated stays at the initialisation)
+    run = train.main(TINY + ["--steps", "2", "--ema", "0", "--results-dir", str(tmp_path)])
+    ck = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    assert all(torch.equal(ck["model"][k], ck["ema"][k]) for k in ck["model"])
+
+
+def test_warmup_ramps_the_lr_then_holds_it(tmp_path):
+    # lr * min(s / warmup, 1) for the update after s updates: 0, lr/2, then lr (not 1.5 lr) for every later step
+    run = train.main(TINY + ["--steps", "4", "--warmup-steps", "2", "--lr", "1e-3", "--ckpt-every", "1",
+                             "--results-dir", str(tmp_path)])
+    lrs = [torch.load(os.path.join(run, "checkpoints", f"{s:07d}.pt"), weights_only=True)["opt"]["param_groups"][0]["lr"]
+           for s in (1, 2, 3, 4)]
+    assert lrs == [0.0, 0.5e-3, 1e-3, 1e-3]
+
+
+def test_resume_applies_the_optimizer_flags_given_again(tmp_path, capsys):
+    # --lr / --weight-decay / --betas given with --resume replace the saved ones in the optimizer (not only in args)
+    run = train.main(TINY + ["--steps", "1", "--results-dir", str(tmp_path)])
+    train.main(["--resume", run, "--steps", "2", "--no-progress", "--lr", "0.05", "--weight-decay", "0.01",
+                "--betas", "0.8", "0.9"])
+    ck = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    g = ck["opt"]["param_groups"][0]
+    assert (g["lr"], g["weight_decay"], tuple(g["betas"])) == (0.05, 0.01, (0.8, 0.9)) and ck["args"]["lr"] == 0.05
+
+
+def test_resume_keeps_the_count_of_skipped_steps(tmp_path):
+    run = train.main(TINY + ["--steps", "1", "--skip-nonfinite", "--results-dir", str(tmp_path)])
+    path = os.path.join(run, "checkpoints", "last.pt")
+    ck = torch.load(path, weights_only=True)
+    ck["nonfinite"] = 5                                   # as if five steps had been skipped before the stop
+    torch.save(ck, path)
+    train.main(["--resume", run, "--steps", "2", "--no-progress"])
+    assert torch.load(path, weights_only=True)["nonfinite"] == 5
+    assert open(os.path.join(run, "log.txt")).read().splitlines()[-1].endswith("nonfinite 5")
+
+
+def test_resume_from_a_file_outside_a_run_folder_writes_a_new_run(tmp_path):
+    # a checkpoint that is not in RUN/checkpoints/ (downloaded, copied): a new run in --results-dir, nothing
+    # written next to the file or in the folder above it
+    import shutil
+    run = train.main(TINY + ["--steps", "1", "--results-dir", str(tmp_path / "r")])
+    os.makedirs(tmp_path / "dl" / "sub")
+    shutil.copy(os.path.join(run, "checkpoints", "last.pt"), tmp_path / "dl" / "sub" / "w.pt")
+    new = train.main(["--resume", str(tmp_path / "dl" / "sub" / "w.pt"), "--steps", "2", "--no-progress",
+                      "--results-dir", str(tmp_path / "r2")])
+    assert os.path.dirname(new) == str(tmp_path / "r2")
+    assert os.listdir(tmp_path / "dl") == ["sub"] and os.listdir(tmp_path / "dl" / "sub") == ["w.pt"]
+
+
+def test_a_new_run_is_numbered_after_the_highest_existing_run(tmp_path):
+    os.makedirs(tmp_path / "005-old")                     # runs 000-004 deleted: the next is 006, not 001
+    run = train.main(TINY + ["--steps", "1", "--results-dir", str(tmp_path)])
+    assert os.path.basename(run).startswith("006-")
+
+
+def test_the_last_step_is_logged_sampled_and_saved_off_the_cadence(tmp_path):
+    run = train.main(TINY + ["--steps", "3", "--log-every", "2", "--sample-every", "2", "--ckpt-every", "2",
+                             "--results-dir", str(tmp_path)])
+    assert [line.split()[1] for line in open(os.path.join(run, "log.txt"))] == ["2", "3"]
+    assert sorted(os.listdir(os.path.join(run, "samples"))) == ["0000002.png", "0000003.png"]
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000002.pt", "last.pt"]
+
+
+def test_latent_rows_of_every_class_are_used_and_labels_and_lengths_are_checked(tmp_path):
+    lat = str(tmp_path / "lat")
+    meta = make_latent_folder(lat)                        # labels 0, 1, 0, 1, ...
+    np.save(os.path.join(lat, "labels.npy"), np.array([0, 1, -1, 1, 0, 1, 0, 1]))
+    data = train.load_data(train.get_parser().parse_args(["--data", lat]))
+    assert data["rows"].tolist() == [0, 1, 3, 4, 5, 6, 7] and data["y"].tolist() == [0, 1, 1, 0, 1, 0, 1]
+    argv = TINY + ["--steps", "1", "--data", lat, "--size", "DiT-Tiny/2", "--results-dir", str(tmp_path / "r")]
+    np.save(os.path.join(lat, "labels.npy"), np.array([0, 1, 2, 1, 0, 1, 0, 1]))   # 2 = num_classes: the null label
+    with pytest.raises(train.UserError, match=r"labels must be in \[0, 2\)"):
+        train.main(argv)
+    make_latent_folder(lat)
+    np.save(os.path.join(lat, "labels.npy"), np.arange(10) % 2)
+    with open(os.path.join(lat, "meta.json"), "w") as f:  # meta.json and labels.npy count more rows than moments.npy
+        json.dump(dict(meta, num_images=10, num_done=10), f)
+    with pytest.raises(train.UserError, match=r"do not fit meta.json, which needs \(10\+"):
+        train.main(argv)
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_sample_uses_the_ema_weights_and_the_raw_ones_with_no_ema(tmp_path, monkeypatch, one_step_run):
+    import sample
+    ck = torch.load(os.path.join(one_step_run, "checkpoints", "last.pt"), weights_only=True)
+    seen, real = [], train.load_weights
+    monkeypatch.setattr(train, "load_weights", lambda model, sd, what: seen.append(sd) or real(model, sd, what))
+    for extra in ([], ["--no-ema"]):
+        sample.main(["--ckpt", one_step_run, "--num-samples", "2", "--sample-steps", "2", "--out", str(tmp_path / "g.png")]
+                    + extra)
+    k = next(k for k in ck["model"] if not torch.equal(ck["ema"][k], ck["model"][k]))   # moved by the step
+    assert torch.equal(seen[0][k], ck["ema"][k]) and torch.equal(seen[1][k], ck["model"][k])
+
+
+def test_sample_seed_and_chunks_each_draw_their_own_noise_and_labels(tmp_path, monkeypatch, one_step_run):
+    # the noise of chunk c comes from (--seed, c): chunks of one call and calls with other seeds never share it
+    # (neither z nor the sampler's own noise, seeded through torch's global generator); random labels follow --seed
+    import sample
+    calls = []
+
+    def fake(objective, model, z, y, name, args, progress=False):
+        calls.append((torch.initial_seed(), z.clone()))
+        return torch.zeros_like(z)
+    monkeypatch.setattr(train, "sample_images", fake)
+    labels = {}
+    for seed in (0, 1):
+        labels[seed] = np.load(sample.main(["--ckpt", one_step_run, "--num-samples", "8", "--batch-size", "4", "--seed",
+                                            str(seed), "--out", str(tmp_path / f"{seed}.npz")]))["labels"].tolist()
+    assert len(calls) == 4 and len({c[0] for c in calls}) == 4
+    assert all(not torch.equal(calls[i][1], calls[j][1]) for i in range(4) for j in range(i))
+    assert labels[1] == torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1)).tolist() != labels[0]
+
+
+def test_sample_npz_pixels_follow_the_adm_conversion(tmp_path, monkeypatch, one_step_run):
+    # ADM/DiT: uint8(clamp(127.5 x + 128, 0, 255)), truncated; the FID reference batches were written this way
+    import sample
+    v = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 2.0])
+    monkeypatch.setattr(train, "sample_images", lambda obj, model, z, y, name, args, progress=False:
+                        v.repeat(8).view(1, 1, 8, 8).expand(len(z), 1, 8, 8).clone())
+    arr = np.load(sample.main(["--ckpt", one_step_run, "--num-samples", "2", "--out", str(tmp_path / "s.npz")]))["arr_0"]
+    assert arr.shape == (2, 8, 8, 1) and arr[0, 0, :, 0].tolist() == [0, 0, 64, 128, 159, 191, 255, 255]
+
+
+def test_sample_class_labels_repeat_to_num_samples_and_exclude_the_null_label(tmp_path, monkeypatch, one_step_run):
+    # label n_cls is the null (unconditional) row of a model with label dropout: not a class to ask for
+    import sample
+    with pytest.raises(train.UserError, match=r"class labels \[10\] are outside \[0, 10\)"):
+        sample.main(["--ckpt", one_step_run, "--class-labels", "3", "10", "--out", str(tmp_path / "g.png")])
+    seen = []
+    monkeypatch.setattr(train, "sample_images", lambda obj, model, z, y, name, args, progress=False:
+                        seen.append(y.tolist()) or torch.zeros_like(z))
+    d = np.load(sample.main(["--ckpt", one_step_run, "--class-labels", "1", "2", "--num-samples", "5", "--batch-size", "3",
+                             "--out", str(tmp_path / "s.npz")]))
+    assert d["labels"].tolist() == [1, 2, 1, 2, 1] and seen == [[1, 2, 1], [2, 1]]
+    assert json.load(open(tmp_path / "s.json"))["labels"] == "given"
+
+
+def test_sample_defaults_of_a_digits_run(tmp_path, monkeypatch, one_step_run):
+    # a run on the digits samples with the digits preset (50 steps, as train.py's grids), 4 per class for a grid
+    import sample
+    seen = []
+    monkeypatch.setattr(train, "sample_images", lambda obj, model, z, y, name, args, progress=False:
+                        seen.append((args.sampler, args.sample_steps, args.cfg_scale, y.tolist())) or torch.zeros_like(z))
+    sample.main(["--ckpt", one_step_run, "--out", str(tmp_path / "g.png")])
+    assert seen == [("ddpm", 50, 4.0, [i % 10 for i in range(40)])]
+
+
+def test_extract_latents_resumes_where_it_stopped_and_only_with_the_same_settings(tmp_path, monkeypatch, tiny_vae):
+    import extract_latents
+    import shutil
+    vae_path, _ = tiny_vae
+    data, out = make_imagenet_like(tmp_path / "d", 2), str(tmp_path / "lat")     # 7 images (one unreadable)
+    argv = ["--data-path", str(data), "--out", out, "--image-size", "32", "--vae", vae_path, "--batch-size", "2",
+            "--num-workers", "0"]
+    with pytest.raises(extract_latents.UserError, match="--image-size must be a positive multiple of 8"):
+        extract_latents.main(argv + ["--image-size", "36"])
+    extract_latents.main(argv)
+    meta_path = os.path.join(out, "meta.json")
+    meta = json.load(open(meta_path))
+    with open(meta_path, "w") as f:                       # as if stopped after the first two batches
+        json.dump(dict(meta, num_done=4), f)
+    moments = np.load(os.path.join(out, "moments.npy"), mmap_mode="r+")
+    moments[:4] = 0                                       # rows a resume must not encode again
+    moments.flush()
+    del moments
+    shutil.copytree(vae_path, tmp_path / "other_vae")     # the same weights under another name: another --vae
+    with pytest.raises(extract_latents.UserError, match="other settings"):
+        extract_latents.main(argv[:6] + ["--vae", str(tmp_path / "other_vae")] + argv[8:])
+    encoded, real_load = [], extract_latents.load_vae
+
+    def counting(name, device):
+        v = real_load(name, device)
+        enc = v.encode
+        v.encode = lambda x: encoded.append(len(x) // 2) or enc(x)
+        return v
+    monkeypatch.setattr(extract_latents, "load_vae", counting)
+    extract_latents.main(argv)
+    m = np.load(os.path.join(out, "moments.npy"))
+    assert encoded == [2, 1] and not m[:4].any() and m[4:].any()          # rows 4, 5 and 6 only
+    assert json.load(open(meta_path))["num_done"] == 7
+    with open(meta_path, "w") as f:
+        json.dump(dict(meta, num_done=4), f)
+    np.save(os.path.join(out, "moments.npy"), np.zeros((7, 2, 8, 2, 2), np.float16))   # another latent size
+    with pytest.raises(extract_latents.UserError, match="damaged extraction.*does not have the shape"):
+        extract_latents.main(argv)
+
+
+def test_guidance_is_mixed_in_fp32_from_bf16_model_outputs():
+    # under bf16 autocast the model returns bf16: uncond + w (cond - uncond) is formed in fp32 (in bf16 the
+    # difference of two close outputs loses most of its bits before it is scaled by w)
+    class Bf16Out(torch.nn.Module):
+        num_classes = 3
+
+        def forward(self, x, t, y):
+            return (1 + x + 0.01 * y.view(-1, 1, 1, 1)).to(torch.bfloat16)
+    m, x, t, y = Bf16Out(), torch.randn(2, 2, 2, 2), torch.tensor([5, 5]), torch.tensor([0, 1])
+    cond, uncond = m(x, t, y).float(), m(x, t, torch.full_like(y, 3)).float()
+    for module in (ddpm, sit):
+        out = module.guided_model(m, x, t, y, 4.0)
+        assert out.dtype == torch.float32, module.__name__
+        torch.testing.assert_close(out, uncond + 4.0 * (cond - uncond), rtol=0, atol=0)
+
+
+def test_sit_dopri5_never_shrinks_the_step_after_an_accepted_one():
+    # torchdiffeq's rule: after an accepted step the factor is at least 1 (0.2 is the floor only after a rejection).
+    # The calls of one attempt are at t + c_i h, c = 1/5, 3/10, 4/5, 8/9, 1, 1: h and t are read off them.
+    calls = []
+
+    def f(x, t):
+        calls.append(float(t))
+        return torch.cos(6 * torch.tensor(t)) * x + torch.sin(3 * x)
+    sit.Transport().dopri5(f, torch.tensor([0.5, -1.0, 2.0]), 0.0, 1.0, atol=1e-8, rtol=1e-6)
+    attempts = []
+    for j in range((len(calls) - 2) // 6):                # after the two calls of the initial step size
+        first, fifth = calls[2 + 6 * j], calls[2 + 6 * j + 4]
+        h = (fifth - first) / 0.8
+        attempts.append((fifth - h, h))
+    assert len(attempts) > 5
+    for (t, h), (t2, h2) in zip(attempts, attempts[1:]):
+        if abs(t2 - (t + h)) < 1e-9 and t2 + h2 < 1.0 - 1e-9:   # accepted, and the next is not cut at t1
+            assert h2 >= h * (1 - 1e-9), (t, h, h2)
+
+
+def test_quality_refuses_one_sample_and_zero_steps_before_training_its_judge(tmp_path, monkeypatch, one_step_run):
+    # the Frechet distance needs a covariance: one sample would give NaN after the judge trained; SAMPLER:0
+    # would fail in sample.py only after the judge trained
+    import quality
+    forbid(monkeypatch, (quality, "train_classifier"))
+    np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 1), np.uint8), labels=np.zeros(1, np.int64))
+    with pytest.raises(train.UserError, match="N >= 2"):
+        quality.main(["--samples", str(tmp_path / "one.npz")])
+    with pytest.raises(train.UserError, match="--samplers ddim:0"):
+        quality.main(["--run", one_step_run, "--samplers", "ddim:0", "--json", str(tmp_path / "q.json")])
