@@ -312,7 +312,7 @@ def main(argv=None):
                            ("balanced" if args.balanced else "random"),
                            seed=args.seed, num_samples=n, vae=args.vae if kind == "latents" else None,
                            precision=args.precision, compile=args.compile), f, indent=1)
-        print(f"wrote {out}: arr_0 {arr.shape} uint8, " + (f"labels {y.shape}" if n_cls else "no labels (unconditional)"))
+        print(f"wrote {out}: arr_0 {arr.shape} uint8, " + (f"labels {tuple(y.shape)}" if n_cls else "no labels (unconditional)"))
     else:
         nrow, fmt = 10 if n_cls == 10 else max(1, int(math.sqrt(n))), "JPEG" if ext.lower() in (".jpg", ".jpeg") else "PNG"
         train.write_atomic(out, lambda f: train.save_grid(x, f, nrow=nrow, fmt=fmt))

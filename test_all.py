@@ -325,15 +325,16 @@ def test_compile_on_a_machine_without_a_compiler_is_a_one_line_error(tmp_path, m
     assert train.get_parser().parse_args([]).compile is False
     assert train.get_parser().parse_args(["--compile", "--no-compile"]).compile is False
     run = train.main(QUICK + ["--steps", "1", "--results-dir", str(tmp_path / "ok")])
-    monkeypatch.setattr(iconf.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
-    monkeypatch.setattr(iconf, "fx_graph_cache", False)
+    # iconf.patch, not monkeypatch: from pytest 9.2 monkeypatch's undo deletes attributes it finds outside the
+    # instance __dict__, which removes these inductor config entries and breaks every later compile in the process
     torch._dynamo.reset()
     try:
-        with pytest.raises(train.UserError, match=r"^--compile: torch.compile cannot build kernels on this machine "
-                                                  r"\(.*No working C\+\+ compiler.*run with --no-compile$"):
-            train.main(QUICK + ["--steps", "1", "--results-dir", str(tmp_path / "r"), "--compile"])
-        with pytest.raises(train.UserError, match="sample without --compile$"):
-            sample.main(["--ckpt", run, "--out", str(tmp_path / "g.png"), "--sample-steps", "2", "--compile"])
+        with iconf.patch({"cpp.cxx": (None, str(tmp_path / "no-such-c++")), "fx_graph_cache": False}):
+            with pytest.raises(train.UserError, match=r"^--compile: torch.compile cannot build kernels on this machine "
+                                                      r"\(.*No working C\+\+ compiler.*run with --no-compile$"):
+                train.main(QUICK + ["--steps", "1", "--results-dir", str(tmp_path / "r"), "--compile"])
+            with pytest.raises(train.UserError, match="sample without --compile$"):
+                sample.main(["--ckpt", run, "--out", str(tmp_path / "g.png"), "--sample-steps", "2", "--compile"])
     finally:
         torch._dynamo.reset()
     assert not os.path.exists(tmp_path / "r")
@@ -623,8 +624,9 @@ def test_checkpoint_helpers(tmp_path):
     train.save_atomic(dict(x=torch.arange(3), args=dict(a=1)), str(p))
     assert torch.load(p, weights_only=True)["x"].tolist() == [0, 1, 2]
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
-    p.write_bytes(p.read_bytes()[:20])                     # truncated file
-    with pytest.raises(train.UserError, match="cannot read checkpoint"):
+    p.write_bytes(p.read_bytes()[:20])                     # truncated file: torch's first sentence, not its advice
+    with pytest.raises(train.UserError, match=r"cannot read checkpoint .*: RuntimeError: PytorchStreamReader failed "
+                                              r"reading zip archive: not a ZIP archive$"):
         train.load_checkpoint(str(p))
 
 
@@ -2297,7 +2299,8 @@ def torchrun(script, *args, timeout=300):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                         "127.0.0.1", "--master_port", str(port), os.path.join(HERE, script), *map(str, args)],
                        capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    # a rank's own error comes first; torchrun's summary of the failed ranks (which names no cause) comes last
+    assert r.returncode == 0, r.stderr if len(r.stderr) < 6000 else r.stderr[:4000] + "\n...\n" + r.stderr[-2000:]
     return r
 
 

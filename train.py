@@ -371,7 +371,8 @@ def load_checkpoint(path):
         with safe([argparse.Namespace]) if safe else nullcontext():
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {str(e).splitlines()[0][:200]}")
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]   # torch's first sentence names the cause
+        raise UserError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {type(e).__name__}: {reason}")
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} does not hold a state dict or a checkpoint of this library")
     return ckpt
