@@ -2792,6 +2792,26 @@ def test_a_new_run_is_numbered_after_the_highest_existing_run(tmp_path):
     assert os.path.basename(run).startswith("006-")
 
 
+def test_sample_grids_change_no_training_and_come_after_the_checkpoint(tmp_path, monkeypatch):
+    # a grid's sampler noise comes from a forked RNG: the same run with and without grids trains the same weights
+    # (label dropout reads the global RNG); and the step's checkpoint is on disk before its grid is drawn
+    argv = TINY + ["--steps", "3", "--class-dropout", "0.5"]
+    runs = [train.main(argv + ["--sample-every", str(every), "--results-dir", str(tmp_path / str(every))]) for every in (0, 1)]
+    a, b = (torch.load(os.path.join(r, "checkpoints", "last.pt"), weights_only=True) for r in runs)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["rng"]["torch"][0], b["rng"]["torch"][0])
+    assert len(os.listdir(os.path.join(runs[1], "samples"))) == 3
+    seen, real = [], train.sample_images
+
+    def check(*a, **k):
+        seen.append(os.path.exists(os.path.join(run_dir[0], "checkpoints", "last.pt")))
+        return real(*a, **k)
+    monkeypatch.setattr(train, "sample_images", check)
+    run_dir = [os.path.join(tmp_path / "c", "000-dit-DiT-Tiny_2-ddpm")]
+    assert train.main(argv + ["--sample-every", "3", "--results-dir", str(tmp_path / "c")]) == run_dir[0]
+    assert seen == [True]
+
+
 def test_the_last_step_is_logged_sampled_and_saved_off_the_cadence(tmp_path):
     run = train.main(TINY + ["--steps", "3", "--log-every", "2", "--sample-every", "2", "--ckpt-every", "2",
                              "--results-dir", str(tmp_path)])

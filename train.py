@@ -878,15 +878,6 @@ def main(argv=None):
             log_sum.zero_()
             log_n, t_log = 0, time.time()
 
-        if args.sample_every and (step % args.sample_every == 0 or step == args.steps) and rank == 0:
-            try:   # a grid is a by-product: its failure (a sampler blowing up, no memory left) costs no checkpoint
-                with amp:
-                    xs = sample_images(objective, ema, fixed_z, fixed_y, args.objective, args)
-                save_grid(xs, os.path.join(run_dir, "samples", f"{step:07d}.png"), nrow=10 if data["kind"] == "digits" else 4)
-            except Exception as e:
-                bar.write(f"warning: the sample grid of step {step} failed, training goes on "
-                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
-
         if is_ckpt:
             state = dict(model=clean_state_dict(model.state_dict()), ema=clean_state_dict(ema.state_dict()),
                          opt=opt.state_dict(), step=step, nonfinite=nonfinite, args=vars(args), run_dir=run_dir,
@@ -899,6 +890,18 @@ def main(argv=None):
                     save_atomic(state, os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
             if ddp:
                 dist.barrier()
+
+        if args.sample_every and (step % args.sample_every == 0 or step == args.steps) and rank == 0:
+            # after the checkpoint: a grid is a by-product, and a grid that fails (a sampler blowing up, no memory
+            # left) or is cut short costs no checkpoint. In a forked RNG: its noise is not drawn from the stream that
+            # label dropout reads, so --sample-every does not change the training
+            try:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), amp:
+                    xs = sample_images(objective, ema, fixed_z, fixed_y, args.objective, args)
+                save_grid(xs, os.path.join(run_dir, "samples", f"{step:07d}.png"), nrow=10 if data["kind"] == "digits" else 4)
+            except Exception as e:
+                bar.write(f"warning: the sample grid of step {step} failed, training goes on "
+                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})")
     bar.close()
     if rank == 0:
         print(f"done: {step} steps; checkpoints in {os.path.join(run_dir, 'checkpoints')}; "
