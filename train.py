@@ -734,8 +734,9 @@ def main(argv=None):
         model.grad_checkpointing = True
     elif args.grad_checkpointing and rank == 0:
         print(f"warning: --grad-checkpointing is implemented for dit and unet_vit, not {args.model}: ignored")
-    if ignored_flags(given, args.objective) and rank == 0:
-        print(ignored_flags(given, args.objective))
+    warning = ignored_flags(given, args.objective)
+    if warning and rank == 0:
+        print(warning)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     model.to(device).train()
     ema.to(device)
