@@ -2292,12 +2292,9 @@ def test_extract_latents_checks_out_limit_and_workers_before_the_vae(tmp_path):
 
 
 def torchrun(script, *args, timeout=300):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(port), os.path.join(HERE, script), *map(str, args)],
+    # --standalone: torchrun picks a free port itself (no window between probing a port and binding it)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(HERE, script), *map(str, args)],
                        capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
     # a rank's own error comes first; torchrun's summary of the failed ranks (which names no cause) comes last
     assert r.returncode == 0, r.stderr if len(r.stderr) < 6000 else r.stderr[:4000] + "\n...\n" + r.stderr[-2000:]
