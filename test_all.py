@@ -989,20 +989,22 @@ def test_official_dit_state_dict_is_recognised(tmp_path):
                                        "--sample-steps", "3", "--num-samples", "4"]))
 
 
+def torchrun(script, *args, timeout=300):
+    # --standalone: torchrun picks a free port itself (no window between probing a port and binding it)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(HERE, script), *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    # a rank's own error comes first; torchrun's summary of the failed ranks (which names no cause) comes last
+    assert r.returncode == 0, r.stderr if len(r.stderr) < 6000 else r.stderr[:4000] + "\n...\n" + r.stderr[-2000:]
+    return r
+
+
 def test_torchrun_two_processes_equal_one(tmp_path):
     """gloo on CPU: 2 processes x 4 = 1 process x 8 (same global batch) to float tolerance; only rank 0 writes.
     Label dropout is off here because it is drawn inside each process (see README, multi-process)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     common = QUICK + ["--class-dropout", "0", "--cfg-scale", "1", "--steps", "3", "--batch-size", "8"]
     one = train.main(common + ["--results-dir", str(tmp_path / "one")])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                        "--master_port", str(port), os.path.join(HERE, "train.py"), *common,
-                        "--results-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun("train.py", *common, "--results-dir", tmp_path / "two")
     assert len(os.listdir(tmp_path / "two")) == 1                    # one run directory, written by rank 0
     two = os.path.join(tmp_path / "two", os.listdir(tmp_path / "two")[0])
     a = torch.load(os.path.join(one, "checkpoints", "last.pt"), weights_only=True)
@@ -2071,18 +2073,11 @@ def test_missing_diffusers_is_one_line(tmp_path):
 
 
 def test_sample_npz_sharded_with_torchrun_equals_one_process(tmp_path):
-    import socket
     import sample
     run = train.main(QUICK + ["--results-dir", str(tmp_path), "--steps", "2"])
     common = ["--ckpt", run, "--num-samples", "10", "--batch-size", "3", "--sample-steps", "4"]
     one = np.load(sample.main(common + ["--out", str(tmp_path / "one.npz")]))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                        "--master_port", str(port), os.path.join(HERE, "sample.py"), *common, "--out", str(tmp_path / "two.npz")],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun("sample.py", *common, "--out", tmp_path / "two.npz")
     two = np.load(tmp_path / "two.npz")
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
@@ -2289,16 +2284,6 @@ def test_extract_latents_checks_out_limit_and_workers_before_the_vae(tmp_path):
                        (["--out", str(tmp_path / "o"), "--num-workers", "-1"], "--num-workers must be >= 0")):
         with pytest.raises(extract_latents.UserError, match=match):
             extract_latents.main(ok + bad)
-
-
-def torchrun(script, *args, timeout=300):
-    # --standalone: torchrun picks a free port itself (no window between probing a port and binding it)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(HERE, script), *map(str, args)],
-                       capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    # a rank's own error comes first; torchrun's summary of the failed ranks (which names no cause) comes last
-    assert r.returncode == 0, r.stderr if len(r.stderr) < 6000 else r.stderr[:4000] + "\n...\n" + r.stderr[-2000:]
-    return r
 
 
 def test_torchrun_resume_continues_the_same_run(tmp_path):
