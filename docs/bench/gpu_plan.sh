@@ -6,12 +6,23 @@
 #   OUT=bench_out T=150 bash docs/bench/gpu_plan.sh            # from the repository root, on a CUDA GPU
 #   OUT=/tmp/b T=60 EXTRA="--tiny --device cpu --sample-steps-scale 0.02 --sample-batch 4" bash docs/bench/gpu_plan.sh
 #                                                               # the same commands at Tiny size on a CPU (a dry run)
+#
+# A lent GPU has ~15 minutes in all, machine start included, and at most 10 minutes per command. So:
+#   RUNS="1 2 3 4" picks runs by number (default: all 11);
+#   BUDGET=secs   starts a run only if its limit T still fits in the seconds left since the script began,
+#                 so the command ends (and its JSONs come back) before the caller's own time limit.
+# e.g. a first call `OUT=$OUT BUDGET=520 T=130 bash docs/bench/gpu_plan.sh`, then, with the time left,
+# `RUNS="<the numbers not yet done>" ...` in a second call.
 set -u
-O=${OUT:-bench_out}; mkdir -p "$O"; E=${EXTRA:-}; T=${T:-150}
+O=${OUT:-bench_out}; mkdir -p "$O"; E=${EXTRA:-}; T=${T:-150}; RUNS=${RUNS:-all}; BUDGET=${BUDGET:-0}
 B="python bench.py --steps 5 --warmup 3 --repeats 3 $E"
+START=$(date +%s); N=0
 run() {
-    name=$1; shift
-    echo "=== $name $(date +%T)"
+    name=$1; shift; N=$((N + 1))
+    case " $RUNS " in *" all "*|*" $N "*) ;; *) return;; esac
+    left=$((BUDGET - ($(date +%s) - START)))
+    if [ "$BUDGET" -gt 0 ] && [ "$left" -lt "$T" ]; then echo "=== $N $name: skipped, ${left}s of the budget left"; return; fi
+    echo "=== $N $name $(date +%T)"
     timeout "$T" $B --json "$O/$name.json" "$@" > "$O/$name.log" 2>&1
     echo "rc=$? $(date +%T)"; tail -3 "$O/$name.log"
 }
