@@ -13,7 +13,8 @@ autograd saves for backward in one training forward (any device; --memory-budget
 forward images/s, and end-to-end sampling time for the samplers of the objective (inference in bf16 modes keeps
 the Linear/Conv weights in bf16, as sample.py --precision bf16: the same outputs as autocast alone). Timing: warm-up steps
 excluded, torch.cuda.synchronize around each timed block, median of --repeats blocks. A table goes to
-stdout and everything to --json.
+stdout and everything to --json. --profile adds where the time of one training step and one forward goes
+(torch.profiler: shares of matmul, attention, compiled fused kernels, optimizer + EMA, copies; the longest kernels).
 """
 import argparse
 import json
@@ -33,6 +34,13 @@ from train import UserError
 # dense bf16 / tf32 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts), for MFU
 PEAKS = {"H100": (989.0, 494.5), "H200": (989.0, 494.5), "A100": (312.0, 156.0)}
 PARTS = ("train", "forward", "sample")
+# --profile: a kernel (CUDA) or op (CPU) name -> the kind of work, first match wins (attention before matmul:
+# memory-efficient attention kernels are named fmha_cutlass...)
+KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
+         ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+         ("optimizer+ema", ("adam", "multi_tensor", "foreach")),
+         ("compiled fused", ("triton", "compiledfxgraph", "cpp_fused")),
+         ("copy", ("memcpy", "memset", "copy")))
 
 
 def get_parser():
@@ -62,6 +70,8 @@ def get_parser():
                    "max-autotune-no-cudagraphs"], help="torch.compile mode of the +compile modes: reduce-overhead adds "
                    "CUDA graphs, max-autotune also searches matmul kernels (default: default)")
     p.add_argument("--quality-check", action="store_true", help="compare bf16 / compiled outputs with fp32 eager")
+    p.add_argument("--profile", action="store_true", help="after timing, profile one training step and one forward "
+                   "(torch.profiler): the share of device time by kind of work and the longest kernels, to the JSON")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--json", default="bench.json", help="write all results here (default: bench.json)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
@@ -95,6 +105,44 @@ def count_flops(model, x, t, y, **kw):
     with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
         model(x, t, y, **kw)
     return fc.get_total_flops()
+
+
+def kind_of(name):
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def own_times(events, on_gpu):
+    """{name: microseconds} of the work itself: on GPU the kernels (their CPU ops would count them twice, and
+    the GPU spans of annotations such as a compiled graph's call hold other kernels); on CPU each op's self time."""
+    us = {}
+    for e in events:
+        t = e.self_device_time_total if on_gpu else e.self_cpu_time_total
+        if t > 0 and (e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) == on_gpu:
+            us[e.key] = us.get(e.key, 0) + t
+    return us
+
+
+def profile(fn, device, top=8):
+    """One call of fn under torch.profiler: milliseconds of device time (CUDA kernels; on CPU the ops' own CPU
+    time), the share of each kind of work (KINDS), and the `top` longest kernels. Where a step's time goes."""
+    from torch.profiler import ProfilerActivity
+    on_gpu = device.type == "cuda"
+    sync(device)
+    try:
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+            fn()
+            sync(device)
+        us = own_times(prof.key_averages(), on_gpu)
+    except Exception as e:      # a profiler that cannot run here must not cost the numbers measured before it
+        return dict(error=f"{type(e).__name__}: {e}"[:300])
+    total = sum(us.values()) or 1
+    shares = {}
+    for name, t in us.items():
+        shares[kind_of(name)] = shares.get(kind_of(name), 0) + t / total
+    longest = sorted(us.items(), key=lambda kv: -kv[1])[:top]
+    return dict(ms=total / 1e3, shares=dict(sorted(shares.items(), key=lambda kv: -kv[1])),
+                top=[[name[:120], t / 1e3] for name, t in longest])
 
 
 def build(args, device, compile_):
@@ -173,6 +221,8 @@ def bench_mode(args, mode, device):
             torch.cuda.reset_peak_memory_stats(device)
         sec = timed(step, device, args.steps, args.warmup, args.repeats)
         res["train_img_s"] = B / sec
+        if args.profile:
+            res["train_profile"] = profile(step, device)
         res["train_tflops"] = train_gflops * res["train_img_s"] / 1e3
         if device.type == "cuda":
             res["train_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -190,6 +240,8 @@ def bench_mode(args, mode, device):
                 fwd(x, t_mid, y)
 
         res["forward_img_s"] = B / timed(forward, device, args.steps, args.warmup, args.repeats)
+        if args.profile:
+            res["forward_profile"] = profile(forward, device)
 
     if "sample" in args.what and mode in (args.sample_modes or args.modes):
         model.eval()
@@ -274,12 +326,19 @@ def main(argv=None):
             torch.cuda.empty_cache()
     quality = quality_check(args, device) if args.quality_check else None
     print(f"# {env['device']}, torch {env['torch']}, {env['date']}: {env['command']}")
-    cols = list(dict.fromkeys(k for r in results for k in r if k not in ("mode", "size")))
+    cols = list(dict.fromkeys(k for r in results for k in r if k not in ("mode", "size") and not k.endswith("_profile")))
     print("| mode | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for r in results:
         print(f"| {r['mode']} | " + " | ".join(f"{r.get(c, float('nan')):.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
                                              for c in cols) + " |")
+    for r in results:
+        for part in ("train", "forward"):
+            if f"{part}_profile" in r:
+                p = r[f"{part}_profile"]
+                print(f"profile {r['mode']} {part}: " + (f"failed ({p['error']})" if "error" in p else
+                      f"{p['ms']:.1f} ms of device time in one call; "
+                      + ", ".join(f"{k} {v:.0%}" for k, v in p["shares"].items())))
     if quality:
         print("quality vs fp32 eager:", json.dumps(quality))
     write_json(args.json, env, results, quality)

@@ -1787,6 +1787,56 @@ def test_bench_json_keeps_the_modes_measured_before_a_run_is_cut_short(tmp_path,
     assert not (tmp_path / "c.json").exists()
 
 
+def test_bench_profile_says_where_the_time_goes(tmp_path, capsys):
+    """--profile: shares of one step's own time by kind of work, summing to 1; the matmuls are found; kept out of
+    the table and printed as one line per part."""
+    rows = bench.main(["--tiny", "--device", "cpu", "--modes", "fp32", "--what", "train", "forward", "--steps", "1",
+                       "--warmup", "1", "--repeats", "1", "--profile", "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    for part in ("train", "forward"):
+        p = rows[0][f"{part}_profile"]
+        assert sum(p["shares"].values()) == pytest.approx(1) and p["shares"]["matmul"] > 0.05 and p["ms"] > 0
+        assert p["top"] and p["top"][0][1] == max(t for _, t in p["top"])
+        assert f"profile fp32 {part}: " in out
+    assert rows[0]["train_profile"]["shares"]["optimizer+ema"] > 0         # fused AdamW and the foreach EMA
+    assert "_profile" not in out.split("| mode |")[1].split("\n")[0]          # not a table column
+    assert "train_profile" in json.loads((tmp_path / "b.json").read_text())["results"][0]
+
+
+def test_bench_profile_kinds_and_gpu_kernel_times():
+    # kernel names as CUDA profiles show them (cuBLAS, flash / cuDNN / memory-efficient attention, inductor's triton,
+    # fused AdamW, copies), and CPU op names
+    for name, kind in (("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
+                       ("nvjet_hsh_256x128_64x4_2x1_v_bz_coopB_TNN", "matmul"), ("aten::addmm", "matmul"),
+                       ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),
+                       ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<96, 128>>", "attention"),
+                       ("cudnn_generated_fort_native_sdpa_sm90_knob_7", "attention"),
+                       ("triton_per_fused_native_layer_norm_0", "compiled fused"),
+                       ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer+ema"),
+                       ("aten::_foreach_lerp_", "optimizer+ema"), ("Memcpy HtoD (Pageable -> Device)", "copy"), ("aten::native_layer_norm", "other")):
+        assert bench.kind_of(name) == kind, name
+    # on GPU only kernels count: not the CPU op that launched them, nor an annotation's GPU span around them
+    from types import SimpleNamespace as E
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [E(key="aten::mm", device_type=cpu, is_user_annotation=False, self_device_time_total=50, self_cpu_time_total=7),
+              E(key="gemm_k", device_type=cuda, is_user_annotation=False, self_device_time_total=50, self_cpu_time_total=0),
+              E(key="## Call CompiledFxGraph ##", device_type=cuda, is_user_annotation=True,
+                self_device_time_total=60, self_cpu_time_total=0),
+              E(key="triton_poi", device_type=cuda, is_user_annotation=False, self_device_time_total=10, self_cpu_time_total=0)]
+    assert bench.own_times(events, on_gpu=True) == {"gemm_k": 50, "triton_poi": 10}
+    assert bench.own_times(events, on_gpu=False) == {"aten::mm": 7}
+
+
+def test_bench_profile_that_fails_keeps_the_measured_numbers(tmp_path, monkeypatch, capsys):
+    def broken(*a, **k):
+        raise RuntimeError("CUPTI could not be loaded")
+    monkeypatch.setattr(torch.profiler, "profile", broken)
+    row = bench.main(["--tiny", "--device", "cpu", "--modes", "fp32", "--what", "forward", "--steps", "1", "--warmup", "0",
+                      "--repeats", "1", "--profile", "--json", str(tmp_path / "b.json")])[0]
+    assert row["forward_img_s"] > 0 and row["forward_profile"] == {"error": "RuntimeError: CUPTI could not be loaded"}
+    assert "profile fp32 forward: failed (RuntimeError: CUPTI could not be loaded)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("family", list(train.FAMILIES))
 def test_bf16_and_compiled_forward_match_fp32_eager(family):
     # issue 9: no speed path may change the math. bench.py --quality-check on CPU, Tiny configs with random

@@ -28,10 +28,11 @@ run() {
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
 python -c "import torch; print('torch', torch.__version__)"
-# 1. DiT-XL/2 forward and sampling with bf16-stored weights, and bf16/compile checked against fp32 eager
-run dit_fwd_sample --model dit --what forward sample --modes bf16 bf16+compile --quality-check
-# 2. the <= 30 GB training target: the compiler recomputes instead of storing (same math)
-run dit_train_mb085 --model dit --what train --modes bf16+compile --memory-budget 0.85
+# 1. DiT-XL/2 forward and sampling with bf16-stored weights, and bf16/compile checked against fp32 eager;
+#    --profile: where the forward's GPU time goes (matmul, attention, fused kernels), the gap to the 2400 img/s target
+run dit_fwd_sample --model dit --what forward sample --modes bf16 bf16+compile --quality-check --profile
+# 2. the <= 30 GB training target: the compiler recomputes instead of storing (same math); and where a step's time goes
+run dit_train_mb085 --model dit --what train --modes bf16+compile --memory-budget 0.85 --profile
 # 3. MDTv2-XL/2 compiled (the mask ratio is now drawn outside the graph): its first steps compile the longest
 run mdt_train --model mdt --batch-size 32 --warmup 6 --what train --modes bf16+compile
 # 4. U-ViT-H/2 as released (eps only, 500,832,016 parameters)
