@@ -221,11 +221,11 @@ def bench_mode(args, mode, device):
             torch.cuda.reset_peak_memory_stats(device)
         sec = timed(step, device, args.steps, args.warmup, args.repeats)
         res["train_img_s"] = B / sec
-        if args.profile:
-            res["train_profile"] = profile(step, device)
         res["train_tflops"] = train_gflops * res["train_img_s"] / 1e3
         if device.type == "cuda":
             res["train_peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        if args.profile:                  # after the peak memory: the timed steps alone give that
+            res["train_profile"] = profile(step, device)
         opt.zero_grad(set_to_none=True)
         res["saved_activations_gb"] = saved_activation_bytes(step_loss, model.parameters()) / 1e9
         del opt, ema
