@@ -132,7 +132,8 @@ class TMSA(nn.Module):
 
     def forward(self, x, temb):
         N, L, C = x.shape                                                   # temb: (N, temb_dim)
-        qkv = self.qkv(x) + self.qkv_temb(temb).unsqueeze(1).to(x.dtype)   # Eqs. 3-5: (N, L, 3C)
+        qkv = self.qkv(x)                                                   # Eqs. 3-5: (N, L, 3C)
+        qkv = qkv + self.qkv_temb(temb).unsqueeze(1).to(qkv.dtype)   # qkv's dtype: bf16 under autocast (x is fp32)
         q, k, v = qkv.reshape(N, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias().to(q.dtype))   # Eq. 6
         return self.proj(x.transpose(1, 2).reshape(N, L, C))

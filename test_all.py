@@ -1813,7 +1813,11 @@ def test_bench_profile_kinds_and_gpu_kernel_times():
                        ("cudnn_generated_fort_native_sdpa_sm90_knob_7", "attention"),
                        ("triton_per_fused_native_layer_norm_0", "compiled fused"),
                        ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer+ema"),
-                       ("aten::_foreach_lerp_", "optimizer+ema"), ("Memcpy HtoD (Pageable -> Device)", "copy"), ("aten::native_layer_norm", "other")):
+                       ("aten::_foreach_lerp_", "optimizer+ema"), ("Memcpy HtoD (Pageable -> Device)", "copy"),
+                       ("aten::native_layer_norm", "other"),
+                       # inductor names kernels after the ops they fuse, and max-autotune's matmul templates triton_tem
+                       ("triton_poi_fused__scaled_dot_product_efficient_attention_constant_pad_nd_0", "compiled fused"),
+                       ("triton_tem_fused_mm_3", "matmul")):
         assert bench.kind_of(name) == kind, name
     # on GPU only kernels count: not the CPU op that launched them, nor an annotation's GPU span around them
     from types import SimpleNamespace as E
@@ -1825,6 +1829,43 @@ def test_bench_profile_kinds_and_gpu_kernel_times():
               E(key="triton_poi", device_type=cuda, is_user_annotation=False, self_device_time_total=10, self_cpu_time_total=0)]
     assert bench.own_times(events, on_gpu=True) == {"gemm_k": 50, "triton_poi": 10}
     assert bench.own_times(events, on_gpu=False) == {"aten::mm": 7}
+
+
+def test_bench_quality_check_compares_with_fp32_not_tf32(monkeypatch):
+    # bench.py turns TF32 on for its fp32 mode; the quality check's fp32 reference must not use it (on GPU the
+    # compiled-fp32 error would be TF32's ~1e-3, not compile's ~1e-7), and the setting comes back afterwards
+    seen, real = [], torch.compile
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+
+    def spy(model, *a, **k):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real(model, *a, **k)
+    monkeypatch.setattr(torch, "compile", spy)
+    bench.quality_check(bench.get_parser().parse_args(["--tiny", "--device", "cpu"]), torch.device("cpu"))
+    assert seen == [(False, False)]
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+def test_bench_sampling_warms_up_with_a_few_steps_then_times_the_whole_sampler(tmp_path, monkeypatch):
+    # the warm-up (compile) runs each sampler at the same shapes for a few steps, not a second full run; sit's
+    # samplers report their model calls (dopri5 chooses its own)
+    calls, real = [], bench.build
+
+    def build(args, device, compile_):
+        model, fwd, objective, cfg = real(args, device, compile_)
+        model.register_forward_pre_hook(lambda m, a: calls.append(1))
+        return model, fwd, objective, cfg
+    monkeypatch.setattr(bench, "build", build)
+    common = ["--tiny", "--device", "cpu", "--modes", "fp32", "--what", "sample", "--sample-batch", "2",
+              "--sample-steps-scale", "0.2", "--json", str(tmp_path / "b.json")]
+    r = bench.main(common)[0]
+    assert len(calls) == 1 + (4 + 50) + (4 + 10)          # FLOP count; ddpm 50 and dpm++ 10 steps, each after 4
+    assert r["sample_ddpm50_cfg_s"] > 0 and r["sample_dpm++10_cfg_s"] > 0
+    calls.clear()
+    r = bench.main(common + ["--objective", "sit"])[0]
+    assert r["sample_sde_euler50_cfg_nfe"] == 50 and r["sample_ode_dopri5_cfg_nfe"] > 0
+    assert len(calls) == 1 + (4 + 50) + 2 * r["sample_ode_dopri5_cfg_nfe"]   # dopri5's warm-up is its whole solve
 
 
 def test_bench_profile_that_fails_keeps_the_measured_numbers(tmp_path, monkeypatch, capsys):
@@ -2003,6 +2044,28 @@ def test_uvit_class_conditional_without_labels_is_a_value_error():
         m(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), None)
     u = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=0, depth=2)
     assert u(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), None).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("family", list(train.FAMILIES) + ["diffit-unet"])
+def test_attention_runs_in_bf16_under_autocast(family, monkeypatch):
+    # the fused attention kernels are bf16 kernels: q, k, v and the bias must reach SDPA in bf16 (DiffiT built
+    # q/k/v in fp32 before: the time-token term was cast to LayerNorm's fp32 output dtype, so the whole (N, L, 3C)
+    # sum was fp32, cast back by autocast at the call)
+    F = torch.nn.functional
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append({q.dtype, k.dtype, v.dtype} | ({attn_mask.dtype} if attn_mask is not None else set()))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    if family == "diffit-unet":
+        m = diffit.DiffiTUNet(input_size=8, in_channels=1, channels=(16, 32), window=4, head_dim=8, groups=8)
+    else:
+        m = train.build_model(dict(family=family, size=train.FAMILIES[family][2], input_size=8, in_channels=1,
+                                   out_channels=2, num_classes=10, class_dropout_prob=0.1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2]) if family != "diffit-unet" else None)
+    assert seen and all(d == {torch.bfloat16} for d in seen), seen
 
 
 def test_diffit_unet_widths_are_validated():
@@ -2816,6 +2879,23 @@ def test_resume_from_a_file_outside_a_run_folder_writes_a_new_run(tmp_path):
                       "--results-dir", str(tmp_path / "r2")])
     assert os.path.dirname(new) == str(tmp_path / "r2")
     assert os.listdir(tmp_path / "dl") == ["sub"] and os.listdir(tmp_path / "dl" / "sub") == ["w.pt"]
+
+
+def test_resume_of_a_run_trained_on_another_device_type_draws_new_streams(tmp_path, capsys):
+    # a GPU checkpoint resumed on CPU: its CUDA generator states (16 bytes) cannot be set on CPU generators (a raw
+    # RuntimeError before); the run goes on with new streams, says so, and does not replay the run's first ones
+    run = train.main(TINY + ["--steps", "1", "--class-dropout", "0.5", "--results-dir", str(tmp_path)])
+    path = os.path.join(run, "checkpoints", "last.pt")
+    ck = torch.load(path, weights_only=True)
+    cuda_like = torch.arange(16, dtype=torch.uint8)                # the size of a CUDA generator's state
+    ck["rng"] = dict(data=cuda_like, torch=[cuda_like], cpu=[torch.get_rng_state()])
+    torch.save(ck, path)
+    train.main(["--resume", run, "--steps", "2", "--no-progress"])
+    assert "trained on another device type than cpu" in capsys.readouterr().out
+    after = torch.load(path, weights_only=True)
+    assert after["step"] == 2 and after["rng"]["data"].numel() == torch.Generator().get_state().numel()
+    fresh = torch.Generator().manual_seed(0)                       # the run's own seed: not replayed from step 1
+    assert not torch.equal(after["rng"]["data"], fresh.get_state())
 
 
 def test_a_new_run_is_numbered_after_the_highest_existing_run(tmp_path):

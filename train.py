@@ -528,16 +528,22 @@ def get_batch(data, idx, flip, eps, device):
     """Rows idx of the data on the device. Latents: pick the stored moments of the image or of its horizontal
     flip, then draw a fresh posterior sample z = scale * (mean + std * eps), as DiT does on the fly."""
     if data["kind"] != "latents":
-        return data["x"][idx].to(device), data["y"][idx].to(device)
+        return to_device(data["x"][idx], device), to_device(data["y"][idx], device)
     r = data["rows"][idx.numpy()]
     order = np.argsort(r)                                        # sorted reads are faster on a memmap
     rows = np.empty((len(idx),) + data["x"].shape[1:], dtype=data["x"].dtype)
     rows[order] = data["x"][r[order]]
     m = torch.from_numpy(rows)                                   # (n, 2, 2C, h, w) fp16
-    m = (m.pin_memory() if device.type == "cuda" else m).to(device, non_blocking=True)
+    m = to_device(m, device)
     m = torch.where(flip[:, None, None, None], m[:, 1], m[:, 0]).float()   # (n, 2C, h, w)
     C = m.shape[1] // 2
-    return data["scale"] * (m[:, :C] + m[:, C:] * eps), data["y"][idx].to(device)
+    return data["scale"] * (m[:, :C] + m[:, C:] * eps), to_device(data["y"][idx], device)
+
+
+def to_device(t, device):
+    """A host tensor on the device without waiting: a copy from pageable memory is a cudaMemcpyAsync followed by
+    a stream synchronisation (the host would wait for the previous step's GPU work); from pinned memory it is not."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -751,12 +757,22 @@ def main(argv=None):
         for g in opt.param_groups:
             g.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
         step, nonfinite = resume["step"], resume.get("nonfinite", 0)
-        data_gen.set_state(resume["rng"]["data"])
-        states = resume["rng"]["torch"]
-        if len(states) == world and device.type == "cuda":   # same layout: each rank continues its own stream
-            torch.cuda.set_rng_state(states[rank], device)
-        elif len(states) == world:
-            torch.set_rng_state(states[rank])
+        if resume["rng"]["data"].numel() == data_gen.get_state().numel():
+            data_gen.set_state(resume["rng"]["data"])
+            states = resume["rng"]["torch"]
+            if len(states) == world and device.type == "cuda":   # same layout: each rank continues its own stream
+                torch.cuda.set_rng_state(states[rank], device)
+            elif len(states) == world:
+                torch.set_rng_state(states[rank])
+            cpu_states = resume["rng"].get("cpu")                # a GPU run's CPU stream (MDTv2's mask ratio)
+            if cpu_states is not None and len(cpu_states) == world:
+                torch.set_rng_state(cpu_states[rank])
+        else:   # trained on another device type: a CUDA generator's state (16 bytes) does not fit a CPU one (5056)
+            data_gen.manual_seed(args.seed * 1_000_003 + step)           # new streams, not the run's first ones again
+            torch.manual_seed((args.seed * world + rank) * 1_000_003 + step)
+            if rank == 0:
+                print(f"warning: the checkpoint was trained on another device type than {device.type}, whose random "
+                      "streams cannot continue here: this run draws new ones (not bit-exact from here on)")
     masked = getattr(model, "trains_with_mask", False) and args.mask_ratio > 0
     if masked:
         require_mask_ratio(model, args.mask_ratio)
@@ -885,6 +901,8 @@ def main(argv=None):
                          config=dict(model=model_cfg, objective=obj_cfg,
                                      data=dict(kind=data["kind"], classes=data.get("classes"), meta=data.get("meta"))),
                          rng=dict(data=data_gen.get_state(), torch=gather_rng(ddp, world, device)))
+            if device.type == "cuda":      # the CPU generator is a stream too: MDTv2 draws its mask ratio on it
+                state["rng"]["cpu"] = gather_rng(ddp, world, device, torch.get_rng_state())
             if rank == 0:
                 save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
                 if periodic:
@@ -925,10 +943,11 @@ def draw_time(objective, n, gen, device):
     return torch.rand(n, generator=gen, device=device) * (t1 - t0) + t0
 
 
-def gather_rng(ddp, world, device):
+def gather_rng(ddp, world, device, state=None):
     """Every rank's RNG state of its model-side randomness (label dropout, masks): the CPU generator, or the
-    CUDA one on GPU. Returned as a list indexed by rank."""
-    state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    CUDA one on GPU (or `state`, e.g. a GPU run's CPU generator). Returned as a list indexed by rank."""
+    if state is None:
+        state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
     if not ddp:
         return [state]
     out = [torch.zeros_like(state).to(device) for _ in range(world)]

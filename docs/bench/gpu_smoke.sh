@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU paths of train.py and sample.py that the CPU test suite cannot reach (train.py and sample.py pick cuda
+# by themselves): fp32 and bf16 training on the digits, a sample grid during training, resume, sample.py in bf16
+# (PNG and .npz), --compile with a masking backbone and SiT, memory-mapped latents with pinned asynchronous
+# copies, the host-device syncs per training step, and an exact resume of MDTv2. Run it before gpu_plan.sh; each
+# step prints its rc. Not yet run on a GPU (a few minutes there, guessed); on a CPU it runs too, slowly.
+#   OUT=smoke_out bash docs/bench/gpu_smoke.sh
+set -u
+O=${OUT:-smoke_out}; mkdir -p "$O"; T=${T:-240}
+step() {
+    name=$1; shift
+    echo "=== $name $(date +%T)"
+    timeout "$T" "$@" > "$O/$name.log" 2>&1
+    echo "rc=$? $(date +%T)"; tr '\r' '\n' < "$O/$name.log" | grep -v '^\s*$' | tail -3
+}
+Q="--steps 40 --log-every 20 --ckpt-every 20 --no-progress"
+step dit_fp32 python train.py $Q --sample-every 40 --results-dir "$O/fp32"
+step dit_bf16 python train.py $Q --sample-every 40 --precision bf16 --results-dir "$O/bf16"
+run=$(ls -d "$O"/bf16/*/ 2>/dev/null | head -1)
+step resume python train.py --resume "$run" --steps 60 --no-progress
+step sample_png python sample.py --ckpt "$run" --precision bf16 --sample-steps 20 --out "$O/grid.png"
+step sample_npz python sample.py --ckpt "$run" --precision bf16 --sample-steps 20 --num-samples 20 --out "$O/s.npz"
+step mdt_sit_compile python train.py --model mdt --objective sit --compile --precision bf16 $Q --results-dir "$O/mdt"
+# a hand-made latent folder in extract_latents.py's layout (no VAE needed): 64 rows of 2 flips x 2C x 32 x 32
+python - "$O/lat" <<'PY'
+import json, os, sys
+import numpy as np
+root = sys.argv[1]; os.makedirs(root, exist_ok=True)
+np.save(os.path.join(root, "moments.npy"), np.random.default_rng(0).normal(size=(64, 2, 8, 32, 32)).astype(np.float16))
+np.save(os.path.join(root, "labels.npy"), np.arange(64, dtype=np.int64) % 4)
+json.dump(dict(format="moments-v1", num_images=64, num_done=64, num_classes=4, classes=list("abcd"), latent_size=32,
+               latent_channels=4, scale_factor=0.18215), open(os.path.join(root, "meta.json"), "w"))
+PY
+step latents_compile python train.py --data "$O/lat" --size DiT-S/2 --batch-size 16 --precision bf16 --compile $Q \
+    --sample-every 0 --results-dir "$O/latents"
+# host-device syncs per training step (README: none): torch counts them in its sync debug mode; 30 steps minus 10
+# steps leaves the per-step ones (the start and the end of a run sync too)
+for n in 10 30; do
+    python -W always -c "import torch, train; torch.cuda.set_sync_debug_mode('warn'); train.main(['--steps', '$n',
+        '--log-every', '1000', '--ckpt-every', '0', '--sample-every', '0', '--no-progress', '--results-dir', '$O/sync$n'])" \
+        > "$O/sync$n.log" 2>&1
+    echo "syncs in $n steps: $(grep -c 'synchronizing CUDA operation' "$O/sync$n.log")"
+done
+# exact resume on GPU with MDTv2 (its mask ratio is drawn on the CPU generator): 4 steps straight == 2, resume, 2
+step mdt_straight python train.py --model mdt --steps 4 --log-every 1 --no-progress --results-dir "$O/mdt4"
+step mdt_half python train.py --model mdt --steps 2 --log-every 1 --no-progress --results-dir "$O/mdt22"
+step mdt_resume python train.py --resume "$(ls -d "$O"/mdt22/*/ | head -1)" --steps 4 --no-progress
+python - "$O" <<'PY'
+import glob, sys, torch
+a, b = (torch.load(glob.glob(f"{sys.argv[1]}/{d}/*/checkpoints/last.pt")[0], weights_only=True) for d in ("mdt4", "mdt22"))
+print("mdt resume: max |weight difference|", max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]))
+for d in ("mdt4", "mdt22"):
+    print(d, open(glob.glob(f"{sys.argv[1]}/{d}/*/log.txt")[0]).read().splitlines()[-2:])
+PY
+nvidia-smi --query-gpu=name,memory.used --format=csv 2>/dev/null
