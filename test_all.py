@@ -157,7 +157,9 @@ def test_dit_outputs_equal_golden_values_of_the_official_model(case):
     kw, total, strided = DIT_GOLDEN[case]
     out = random_weight_forward(dit.DiT(**kw), kw["in_channels"], [3, kw["num_classes"], 0])   # 2nd: null label
     torch.testing.assert_close(out.flatten()[::16], torch.tensor(strided), atol=1e-4, rtol=1e-5)
-    assert abs(out.sum().item() - total) < 1e-3
+    # the sum within the elementwise rtol: fp32 rounding differs between CPUs (AVX2 vs AVX-512 kernels), and the
+    # golden sum of eps_only_p4 is itself 2.0e-3 from the float64 forward's (an absolute 1e-3 failed on an AMD EPYC)
+    assert abs(out.sum().item() - total) < 1e-5 * out.abs().sum().item()
 
 
 def test_label_dropout_only_in_training():
