@@ -142,7 +142,8 @@ def profile(fn, device, top=8):
     total = sum(us.values()) or 1
     shares = {}
     for name, t in us.items():
-        shares[kind_of(name)] = shares.get(kind_of(name), 0) + t / total
+        kind = kind_of(name)
+        shares[kind] = shares.get(kind, 0) + t / total
     longest = sorted(us.items(), key=lambda kv: -kv[1])[:top]
     return dict(ms=total / 1e3, shares=dict(sorted(shares.items(), key=lambda kv: -kv[1])),
                 top=[[name[:120], t / 1e3] for name, t in longest])
