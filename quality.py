@@ -3,7 +3,7 @@ Sample quality on the embedded 8x8 digits: does a trained model generate the dig
 
     python quality.py --samples s.npz          # judge samples written by sample.py (labels inside the npz)
     python quality.py --all                    # train every backbone x objective, sample, judge, print the table
-                                               # (train.py's digits budget: 2000 steps, DiT 1500, U-ViT 4000)
+                                               # (train.py's digits budget: 2000 steps, DiT 1200, U-ViT 4000)
     python quality.py --run RUN_DIR --samplers ddpm:250 ddim:50   # one trained run, several samplers
 
 Two numbers, both from a small CNN trained ONLY on the real training digits (its held-out accuracy is
@@ -193,7 +193,7 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=250, help="steps of each objective's default sampler (default: 250)")
     p.add_argument("--objectives", nargs="+", default=list(train.OBJECTIVES), help="objectives for --all (default: all)")
     p.add_argument("--steps", type=int, default=None, help="training steps per pair for --all (default: train.py's "
-                   "digits default: 1500 DiT, 4000 U-ViT, 2000 the others)")
+                   "digits default: 1200 DiT, 4000 U-ViT, 2000 the others)")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to judge (default: 1 3)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every pair of --all, one quoted string, "
                    "e.g. --train-args='--lr 3e-4' (default: none)")

@@ -290,11 +290,14 @@ def test_official_recipe_by_family():
     assert opt("official", "--model", "diffit") == (3e-4, 0.0, (0.9, 0.999), 0, 0.0, 256)
     assert opt("official", "--model", "unet_vit", "--lr", "1e-4", "--betas", "0.9", "0.95")[:3] == (1e-4, 0.03, (0.9, 0.95))
     assert opt("digits", "--model", "unet_vit") == opt("digits", "--model", "mdt")
-    # on the digits U-ViT trains twice the steps, and DiT (the main job) 1,500 at lr 2e-3 (README, "Does every pair
-    # learn?"); the flags win
+    # on the digits U-ViT trains twice the steps, and DiT (the main job) 1,200 at lr 3e-3, betas (0.9, 0.99), EMA 0.99
+    # (README, "Does every pair learn?"); the flags win
     steps = lambda *a: train.resolve_args(train.get_parser().parse_args(list(a)), "digits").steps
     assert steps("--model", "mdt") == steps("--model", "diffit") == 2000 and steps("--model", "unet_vit") == 4000
-    assert steps() == 1500 and opt("digits")[0] == 2e-3 and opt("digits", "--model", "mdt")[0] == 1e-3
+    assert steps() == 1200 and opt("digits")[0] == 3e-3 and opt("digits", "--model", "mdt")[0] == 1e-3
+    assert opt("digits")[2] == (0.9, 0.99) and opt("digits", "--model", "mdt")[2] == (0.9, 0.999)
+    ema = lambda *a: train.resolve_args(train.get_parser().parse_args(list(a)), "digits").ema
+    assert ema() == 0.99 and ema("--model", "mdt") == 0.995 and ema("--ema", "0.995") == 0.995
     assert opt("digits", "--lr", "1e-3")[0] == 1e-3 and steps("--steps", "2000") == 2000
     assert steps("--model", "unet_vit", "--steps", "7") == 7
     assert train.resolve_args(train.get_parser().parse_args(["--model", "unet_vit"]), "official").steps == 500_000
