@@ -779,8 +779,11 @@ def main(argv=None):
         require_mask_ratio(model, args.mask_ratio)
     # a masking backbone run without its masked pass leaves the side block unused: DDP must be told
     unused = getattr(model, "trains_with_mask", False) and not masked
+    # broadcast_buffers=False: the only buffers are constant index tables (MDT's and DiffiT's relative positions),
+    # equal on every rank. Broadcasting them copies in place before every forward, which bumped the version of the
+    # index MDT's full pass saved for backward when its masked pass ran (torch 2.11: "modified by an inplace operation")
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=unused) if ddp else model
+                      find_unused_parameters=unused, broadcast_buffers=False) if ddp else model
     if args.compile:
         require_compiler(device, "run with --no-compile")
         if args.memory_budget is not None:   # the compiler's min-cut partitioner picks what to recompute
