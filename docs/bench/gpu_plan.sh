@@ -4,32 +4,43 @@
 # guessed from the 2026-11-22 H100 session: compiling an XL model took about a minute) and writes its own JSON
 # and log, so a run that times out or runs out of memory loses only itself.
 #
-#   OUT=bench_out bash docs/bench/gpu_plan.sh                   # from the repository root, on a CUDA GPU
-#   OUT=/tmp/b T=120 EXTRA="--tiny --device cpu --sample-steps-scale 0.02 --sample-batch 4" bash docs/bench/gpu_plan.sh
+#   bash docs/bench/gpu_plan.sh                                 # from the repository root, on a CUDA GPU
+#   DIR=/tmp/b T=120 EXTRA="--tiny --device cpu --sample-steps-scale 0.02 --sample-batch 4" bash docs/bench/gpu_plan.sh
 #                                                               # the same commands at Tiny size on a CPU (a dry run)
 #
-# A lent GPU has ~15 minutes in all, machine start included, and at most 10 minutes per command. So:
-#   RUNS="1 2 3"  picks runs by number (default: all);
-#   BUDGET=secs   starts a run only if its limit still fits in the seconds left since the script began, so the
-#                 command ends (and its JSONs come back) before the caller's own time limit;
-#   T=secs        replaces every run's own limit (the CPU dry run).
-# e.g. `bash docs/bench/gpu_smoke.sh; BUDGET=420 bash docs/bench/gpu_plan.sh` in a first call of 600 s, then
-# `RUNS="<the numbers not done>" BUDGET=... bash docs/bench/gpu_plan.sh` with the time left.
+# Settings (environment variables):
+#   DIR=path      where the JSONs and logs go (default bench_out)
+#   PACK=file.tgz after every run, all of DIR is packed into this one archive, replaced whole (for a caller that
+#                 takes back only a few files, or kills the script at its own time limit)
+#   RUNS="1 2 3"  picks runs by number (default: all)
+#   BUDGET=secs   with START=epoch seconds (default: when this script began): a run starts only if its limit
+#                 still fits before START + BUDGET, so the command ends (and its files come back) before the
+#                 caller's own time limit
+#   T=secs        replaces every run's own limit (the CPU dry run)
+#   PY=python     the interpreter (default: python3, else python)
+# A lent GPU has ~15 minutes in all, machine start included, and at most 10 minutes per command; README
+# ("Measured on one H100") gives the one command that runs gpu_smoke.sh and then this script inside 560 s.
 set -u
-O=${OUT:-bench_out}; mkdir -p "$O"; E=${EXTRA:-}; RUNS=${RUNS:-all}; BUDGET=${BUDGET:-0}
-B="python bench.py --steps 5 --warmup 3 --repeats 3 $E"
-START=$(date +%s); N=0
+O=${DIR:-bench_out}; mkdir -p "$O"; E=${EXTRA:-}; RUNS=${RUNS:-all}; BUDGET=${BUDGET:-0}
+PY=${PY:-$(command -v python3 || command -v python)}
+B="$PY bench.py --steps 5 --warmup 3 --repeats 3 $E"
+START=${START:-$(date +%s)}; N=0
+pack() {
+    [ -n "${PACK:-}" ] || return 0
+    tar czf "$PACK.part" -C "$O" . && mv "$PACK.part" "$PACK"
+}
 run() {
     name=$1; limit=${T:-$2}; shift 2; N=$((N + 1))
     case " $RUNS " in *" all "*|*" $N "*) ;; *) return;; esac
-    left=$((BUDGET - ($(date +%s) - START)))
+    left=$((START + BUDGET - $(date +%s)))
     if [ "$BUDGET" -gt 0 ] && [ "$left" -lt "$limit" ]; then echo "=== $N $name: skipped, ${left}s of the budget left"; return; fi
     echo "=== $N $name $(date +%T)"
     timeout "$limit" $B --json "$O/$name.json" "$@" > "$O/$name.log" 2>&1
     echo "rc=$? $(date +%T)"; grep -E '^\| bf16|^\| fp32|^profile|^quality' "$O/$name.log" || tail -3 "$O/$name.log"
+    pack
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
-python -c "import torch; print('torch', torch.__version__)"
+"$PY" -c "import torch; print('torch', torch.__version__)"
 # 1. DiT-XL/2 forward with bf16-stored weights (the 2400 img/s target), bf16/compile checked against fp32 eager
 #    (TF32 off), and where the forward's GPU time goes
 run dit_fwd 200 --model dit --what forward --modes bf16 bf16+compile --quality-check --profile
