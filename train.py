@@ -587,8 +587,10 @@ def require_compiler(device, hint):
         with torch.enable_grad():
             a = torch.ones(3, device=device, requires_grad=True)
             torch.compile(tiny)(a).backward()
-    except Exception as e:   # InvalidCxxCompiler, a missing triton, ...: the message names the cause
-        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    except Exception as e:   # InvalidCxxCompiler, a missing triton, ...: the message names the cause (on its first
+        # line, or, in torch 2.4, on the line after "backend='inductor' raised:")
+        why = [line.strip() for line in str(e).splitlines() if line.strip() and not line.strip().endswith("raised:")]
+        why = why[0] if why else ""
         raise UserError(f"--compile: torch.compile cannot build kernels on this machine ({type(e).__name__}: {why}); "
                         f"{hint}") from None
 
