@@ -2488,7 +2488,6 @@ def test_every_buffer_is_a_constant_index_table():
             assert name.endswith("relative_position_index") and not b.is_floating_point(), (family, name)
 
 
-
 def test_extract_latents_unwritable_files_are_a_user_error(tmp_path, tiny_vae):
     import extract_latents
     os.makedirs(tmp_path / "out" / "moments.npy")              # a folder where the file goes: an OSError, as root too
