@@ -10,8 +10,9 @@
 #
 # Settings (environment variables):
 #   DIR=path      where the JSONs and logs go (default bench_out)
-#   PACK=file.tgz after every run, all of DIR is packed into this one archive, replaced whole (for a caller that
-#                 takes back only a few files, or kills the script at its own time limit)
+#   PACK=file.tgz after every run, all of DIR (with summary.txt, what this script printed) is packed into this one
+#                 archive, replaced whole (for a caller that takes back only a few files, or kills the script at
+#                 its own time limit)
 #   RUNS="1 2 3"  picks runs by number (default: all)
 #   BUDGET=secs   with START=epoch seconds (default: when this script began): a run starts only if its limit
 #                 still fits before START + BUDGET, so the command ends (and its files come back) before the
@@ -22,6 +23,7 @@
 # ("Measured on one H100") gives the one command that runs gpu_smoke.sh and then this script inside 560 s.
 set -u
 O=${DIR:-bench_out}; mkdir -p "$O"; E=${EXTRA:-}; RUNS=${RUNS:-all}; BUDGET=${BUDGET:-0}
+exec > >(tee -a "$O/summary.txt") 2>&1         # what this script prints goes into the archive too
 PY=${PY:-$(command -v python3 || command -v python)}
 B="$PY bench.py --steps 5 --warmup 3 --repeats 3 $E"
 START=${START:-$(date +%s)}; N=0

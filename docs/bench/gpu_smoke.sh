@@ -9,9 +9,10 @@
 #
 # Settings (environment variables):
 #   DIR=path      where the runs go (default smoke_out)
-#   PACK=file.tgz after every step, the logs, sample grids and .npz files (no checkpoints, no .npy arrays) are
-#                 packed into this one archive, replaced whole: a caller that takes back only a few files, or that
-#                 kills the script at its own time limit, still gets all the steps done so far
+#   PACK=file.tgz after every step, the logs, sample grids, .npz files and what this script printed (summary.txt;
+#                 no checkpoints, no .npy arrays) are packed into this one archive, replaced whole: a caller that
+#                 takes back only a few files, or that kills the script at its own time limit, still gets all the
+#                 steps done so far
 #   BUDGET=secs   with START=epoch seconds (default: when this script began): a step starts only while time is
 #                 left before START + BUDGET, and is cut there. Sharing START with gpu_plan.sh fits both scripts
 #                 into one call of the GPU tool (README, "Measured on one H100")
@@ -19,6 +20,7 @@
 #   PY=python     the interpreter (default: python3, else python)
 set -u
 O=${DIR:-smoke_out}; mkdir -p "$O"; T=${T:-240}; BUDGET=${BUDGET:-0}; START=${START:-$(date +%s)}
+exec > >(tee -a "$O/summary.txt") 2>&1         # what this script prints goes into the archive too
 PY=${PY:-$(command -v python3 || command -v python)}
 pack() {
     [ -n "${PACK:-}" ] || return 0
@@ -77,4 +79,5 @@ for d in ("mdt4", "mdt22"):
     print(d, open(glob.glob(f"{sys.argv[1]}/{d}/*/log.txt")[0]).read().splitlines()[-2:])
 PY
 nvidia-smi --query-gpu=name,memory.used --format=csv 2>/dev/null
+pack
 exit 0
