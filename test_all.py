@@ -1741,6 +1741,29 @@ def test_mdt_compiled_masked_forward_does_not_recompile_every_step():
     assert graphs <= 3, f"{graphs} graphs for 6 masked steps"   # first shapes, then one dynamic recompile
 
 
+@pytest.mark.parametrize("family,size", [("dit", "DiT-Tiny/2"), ("unet_vit", "U-ViT-Tiny/2"), ("mdt", "MDTv2-Tiny/2"),
+                                         ("diffit", "DiffiT-Tiny/2"), ("diffit", "DiffiT-UNet-Tiny")])
+def test_every_backbone_compiles_to_one_graph(family, size):
+    # a graph break splits the compiled forward and its backward, and leaves the ops between the pieces uncompiled
+    # (slower on a GPU, where --compile is for). Dynamo's tracing only, no code generation. The one break allowed:
+    # MDTv2's mask draw, kept out of the graph on purpose (test above).
+    import torch._dynamo
+    m = train.build_model(dict(family=family, size=size, input_size=8, in_channels=1, out_channels=2, num_classes=10,
+                               class_dropout_prob=0.1))
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4) * 999, torch.randint(0, 10, (4,))
+    runs = [("train", {}), ("eval", {})] + ([("train", dict(mask_ratio=0.3))] if family == "mdt" else [])
+    for mode, kw in runs:
+        m.train(mode == "train")
+        torch._dynamo.reset()
+        e = torch._dynamo.explain(m)(x, t, y, **kw)
+        reasons = [str(b.reason) for b in e.break_reasons]
+        if kw:
+            assert e.graph_break_count == 1 and "draw_mask" in reasons[0], reasons
+        else:
+            assert e.graph_count == 1 and e.graph_break_count == 0, (mode, reasons)
+    torch._dynamo.reset()
+
+
 # ===================================================================================================
 # bench.py (CPU, tiny configs: the GPU numbers are in README)
 # ===================================================================================================
