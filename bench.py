@@ -68,7 +68,7 @@ def get_parser():
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU, used for every mode (default: "
                    "from the GPU name, bf16 and TF32 peaks of H100/H200/A100; none elsewhere)")
     p.add_argument("--memory-budget", type=float, default=1.0, help="compiled modes: the activation memory kept "
-                   "for backward, between 0 (recompute all it can) and 1 (default); torch's activation_memory_budget")
+                   "for backward, in (0, 1]: near 0 recompute all it can, 1 the default; torch's activation_memory_budget")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
                    "max-autotune-no-cudagraphs"], help="torch.compile mode of the +compile modes: reduce-overhead adds "
                    "CUDA graphs, max-autotune also searches matmul kernels (default: default)")
@@ -150,7 +150,7 @@ def profile(fn, device, top=8):
 
 
 def build(args, device, compile_):
-    obj_cfg = train.objective_config(args)
+    obj_cfg = train.objective_config(train.ddpm_defaults(args, latents=not args.tiny))
     objective = train.build_objective(obj_cfg)
     C, H = (1, 8) if args.tiny else (args.in_channels, args.input_size)
     size = args.size or train.FAMILIES[args.model][2 if args.tiny else 3]

@@ -26,7 +26,9 @@ Deviations from the official code (numbers are equal; see test_all.py for the go
     - Respacing supports one section ("250" or "ddim250" style), not ADM's comma-separated sections.
     - Classifier-free guidance is applied on ALL channels of eps by default; cfg_channels=3 reproduces the
       official DiT/MDT/DiffiT behaviour (guidance on the first 3 latent channels only).
-    - DDIM draws noise only when eta > 0 (the official loop draws and discards it every step).
+    - DDIM draws noise only when eta > 0 (the official loop draws and discards it every step), and clamps
+      1 - abar_prev - sigma^2 at 0: at eta = 1 it is 0 up to float rounding, and a rounding below 0 made the
+      official sample NaN (e.g. 2 respaced steps of the linear schedule).
     - The min(SNR, 5)/SNR weight of MDTv2 on the MSE term is an option (mse_weight='min_snr_5').
 """
 import math
@@ -290,7 +292,7 @@ class GaussianDiffusion:
         sampler: 'ddpm' (ancestral, iDDPM's learned variance; the DiT default with steps=250),
                  'ddim' (eta = 0 deterministic; DDIM Eq. 12), 'dpm++' (DPM-Solver++(2M), ~20-50 steps).
         steps: model evaluations (default 250; 25 for dpm++); ddim also takes "ddimN" (an integer stride).
-        eta and clip_denoised apply to ddpm/ddim only."""
+        eta applies to ddim only (eta = 1 draws DDPM's posterior variance), clip_denoised to ddpm and ddim."""
         if sampler == "dpm++":
             return self.sample_dpmpp(model, z, y, 25 if steps is None else steps, cfg_scale, cfg_channels, scale_pow, guidance_interval,
                                      model_kwargs, progress)
@@ -312,7 +314,8 @@ class GaussianDiffusion:
                 abar, abar_prev = self.gather(c, "abar", t, x), self.gather(c, "abar_prev", t, x)
                 eps = (self.gather(c, "sqrt_recip_abar", t, x) * x - x0) / self.gather(c, "sqrt_recipm1_abar", t, x)
                 sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)  # DDIM Eq. 16
-                x = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma ** 2).sqrt() * eps                      # DDIM Eq. 12
+                # DDIM Eq. 12; at eta = 1, 1 - abar_prev - sigma^2 is 0 up to rounding: clamped, not NaN
+                x = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
                 if eta > 0 and i > 0:
                     x = x + sigma * torch.randn_like(x)
         return x

@@ -31,7 +31,8 @@ D width, h heads.
 Deviations from the official code (state-dict keys and outputs are the same; tested locally):
     - Attention goes through F.scaled_dot_product_attention with the relative bias as an additive mask
       (the official code writes the softmax out).
-    - The masked bias is one embedding lookup of the kept pairs' table offsets instead of repeat + two gathers.
+    - The masked bias is one embedding lookup of the kept pairs' table offsets instead of repeat + two gathers,
+      and those offsets are built once per forward for all blocks, not in each block.
     - The mask ratio is an argument of forward (mask_ratio None or 0: no masking; the official v2 built
       with mask_ratio 0 still masks, r in [0, 0.2)) instead of a constructor
       argument + enable_mask; one ratio per batch r = mask_ratio + 0.2 U[0, 1) as in v2. The mask token
@@ -138,14 +139,19 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(grid))  # persistent, as official
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, ids_keep=None):
-        """(h, L, L) bias of all token pairs, or (N, h, K, K) among the kept tokens ids_keep (N, K).
+    def forward(self, pairs=None):
+        """(h, L, L) bias of all token pairs, or (N, h, K, K) among the kept tokens, whose offset indices
+        pairs (N, K, K) = kept_pairs(relative_position_index, ids_keep) are built once per forward.
         One table lookup per pair (an embedding of the pair's offset index), so the backward is one
         embedding gradient of N*K*K rows, not a scatter over every (sample, head, pair)."""
-        index = self.relative_position_index                                  # (L, L) offsets into the table
-        if ids_keep is not None:
-            index = index[ids_keep[:, :, None], ids_keep[:, None, :]]         # (N, K, K)
+        index = self.relative_position_index if pairs is None else pairs      # (L, L) / (N, K, K) table rows
         return F.embedding(index, self.relative_position_bias_table).movedim(-1, -3)  # (h, L, L) / (N, h, K, K)
+
+
+def kept_pairs(relative_position_index, ids_keep):
+    """The (N, K, K) offset indices among the kept tokens ids_keep (N, K): the same in every block (all tables
+    are indexed alike), so built once per forward and kept once for backward, not once per block."""
+    return relative_position_index[ids_keep[:, :, None], ids_keep[:, None, :]]
 
 
 def attention_reference(q, k, v, bias):
@@ -163,10 +169,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_bias = RelativePositionBias(grid, num_heads)
 
-    def forward(self, x, ids_keep=None):
+    def forward(self, x, pairs=None):
         N, K, D = x.shape
         q, k, v = self.qkv(x).reshape(N, K, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        bias = self.rel_pos_bias(ids_keep)                                     # (h, L, L) or (N, h, K, K)
+        bias = self.rel_pos_bias(pairs)                                        # (h, L, L) or (N, h, K, K)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # == attention_reference
         return self.proj(x.transpose(1, 2).reshape(N, K, D))
 
@@ -194,11 +200,11 @@ class MDTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None
 
-    def forward(self, x, c, skip=None, ids_keep=None):
+    def forward(self, x, c, skip=None, pairs=None):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), pairs)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -348,15 +354,16 @@ class MDTv2(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)                           # (N, D)
         input_skip = x                                                        # every decoder block sees all tokens
         masked = bool(mask_ratio)
-        ids_keep = None
+        pairs = None
         if masked:
             x, mask, ids_restore, ids_keep = self.draw_mask(x, mask_ratio)    # (N, K, D)
+            pairs = kept_pairs(self.en_inblocks[0].attn.rel_pos_bias.relative_position_index, ids_keep)  # (N, K, K)
         skips = []
         for blk in self.en_inblocks:
-            x = blk(x, c, ids_keep=ids_keep)
+            x = blk(x, c, pairs=pairs)
             skips.append(x)
         for blk in self.en_outblocks:                                         # U-Net pairing, LIFO
-            x = blk(x, c, skip=skips.pop(), ids_keep=ids_keep)
+            x = blk(x, c, skip=skips.pop(), pairs=pairs)
         x = side_interpolate(self, x, c, mask, ids_restore) if masked else x + self.decoder_pos_embed
         for blk in self.de_blocks:
             x = blk(x, c, skip=input_skip)
@@ -403,16 +410,17 @@ class MDT(nn.Module):
         check_input(self, x)
         x = self.x_embedder(x) + self.pos_embed                               # (N, L, D)
         c = self.t_embedder(t) + self.y_embedder(y)                           # (N, D)
-        masked, ids_keep = bool(mask_ratio), None
+        masked, pairs = bool(mask_ratio), None
         if masked:
             check_mask_ratio(self, mask_ratio, 0)
             x, mask, ids_restore, ids_keep = random_masking(x, mask_ratio)    # (N, K, D), K fixed by the ratio
+            pairs = kept_pairs(self.blocks[0].attn.rel_pos_bias.relative_position_index, ids_keep)     # (N, K, K)
         first_decoder = len(self.blocks) - self.decode_layer
         for i, blk in enumerate(self.blocks):
             if i == first_decoder:                                            # encoder -> decoder
                 x = side_interpolate(self, x, c, mask, ids_restore) if masked else x + self.decoder_pos_embed
-                ids_keep = None
-            x = blk(x, c, ids_keep=ids_keep)
+                pairs = None
+            x = blk(x, c, pairs=pairs)
         return unpatchify(self.final_layer(x, c), self.patch_size, self.out_channels)   # (N, C_out, H, W)
 
 

@@ -5,10 +5,10 @@ Sample from a trained model: a PNG grid, or an FID-ready .npz (ADM evaluator lay
     python sample.py --ckpt RUN/checkpoints/last.pt --num-samples 1000 --out s.npz      # arr_0 uint8 NxHxWxC + labels
     python sample.py --ckpt DiT-XL-2-256x256.pt --cfg-scale 4 --class-labels 207 360 387 974   # official weights
 
-Our checkpoints carry their model and objective settings. The official DiT/SiT files are plain state
-dicts: the family, size and input size are read off the keys and shapes, the objective from --objective
-(default: sit if the file name says SiT, else ddpm). Latent samples are decoded with the SD VAE
-(needs `pip install diffusers`).
+Our checkpoints carry their model and objective settings. The official files (DiT, SiT, U-ViT, MDT v1/v2,
+DiffiT) are plain state dicts: the family, size and input size are read off the keys and shapes (OFFICIAL below),
+with each paper's objective and sampling settings; for DiT-layout files --objective picks ddpm or sit (default: sit
+if the file name says SiT, else ddpm). Latent samples are decoded with the SD VAE (needs `pip install diffusers`).
 """
 import argparse
 import json

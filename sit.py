@@ -35,8 +35,10 @@ Deviations from the official code (the numbers of a sampler or loss are otherwis
     - SDE with the 'SBDM' diffusion and a Linear/GVP velocity model: the official code starts at t0 = 0,
       where g(t) is infinite, and returns NaN. Here the SDE starts at t0 = 1e-3 in that case (sample_eps = 0).
     - SDE Heun with last_step=None: the official corrector evaluates the score at t = 1 (sigma = 0) on the last
-      step; where that is not finite (a Linear model: the official returns NaN), that one step is an Euler step
-      here. Where it is finite (GVP) the step is the official one.
+      step; where that is not finite (a Linear model: the official returns NaN), or multiplied by a diffusion
+      D(1) that does not vanish (GVP with 'constant', or 'decreasing' at norm != 1: the official diverges),
+      that one step is an Euler step here. Otherwise (GVP with sigma, linear, SBDM) it is the official step.
+      A last_step_size that leaves no interval (t0 >= t1) is a ValueError (the official asserts t0 < t1).
     - The 'constant' diffusion form and 'increasing-decreasing' work here; the official code fails on both
       (th.sqrt of a Python float; the key spelled 'inccreasing-decreasing').
     - The ODE/SDE samplers refuse num_steps < 2 and the SDE a last step of size 0 (the official ODE returns the
@@ -291,6 +293,11 @@ class Transport:
         if t0 == 0 and self.path_type != "VP" and diffusion_form == "SBDM":
             t0 = 1e-3                                              # SBDM's D(t) = g(t) is infinite at t = 0
         t1 = 1 - size if size > 0 else 1 - self.sample_eps
+        if not t0 < t1:
+            raise ValueError(f"the SDE runs from t0 = {t0:g} to t1 = {t1:g}, which must be later: last_step_size "
+                             f"{last_step_size} leaves no interval")
+        # Heun's corrector at t = 1 (last_step=None) meets the score, singular there (sigma = 0), times D(1)
+        D1 = self.diffusion(torch.tensor(t1), diffusion_form, diffusion_norm).item() if t1 >= 1.0 else 0.0
         ts = torch.linspace(t0, t1, num_steps)
         dt = (ts[1] - ts[0]).item()
 
@@ -309,9 +316,12 @@ class Transport:
                 xhat = x + math.sqrt(2 * D) * dw
                 k1 = sde_drift(xhat, t)
                 k2 = sde_drift(xhat + dt * k1, t + dt)
-                if i == num_steps - 2 and t1 >= 1.0 and not torch.isfinite(k2).all():   # last_step=None ends at t = 1:
-                    x = xhat + dt * k1                             # a score singular there (Linear's sigma = 0) gives
-                else:                                              # NaN (official); then Euler on that one step
+                # last_step=None ends at t = 1, where the score is singular: Linear's is inf (the official gives
+                # NaN), GVP's finite but ~1e7, harmless only where D(1) vanishes (sigma, linear, SBDM forms; the
+                # official diverges for 'constant'). Otherwise that one step is an Euler step.
+                if i == num_steps - 2 and t1 >= 1.0 and (abs(D1) > 1e-6 or not torch.isfinite(k2).all()):
+                    x = xhat + dt * k1
+                else:
                     x = xhat + 0.5 * dt * (k1 + k2)
         if last_step == "Mean":                                    # a noise-free step of the same SDE drift
             return x + sde_drift(x, t1) * size

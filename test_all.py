@@ -563,6 +563,16 @@ def test_guidance_interval_follows_the_noise_level():
     assert [g for _, g in calls] == [1 - t <= 0.5 for t, _ in calls] and 0 < sum(g for _, g in calls) < 9
 
 
+def test_ddim_with_eta_1_stays_finite():
+    # at eta = 1, 1 - abar_prev - sigma^2 is 0 in exact arithmetic and -1.5e-11 in float32 on the first of 2
+    # respaced linear steps (cosine: 3, 8 steps): its square root was NaN, as in the official ddim_sample
+    z, y = torch.randn(2, 2, 4, 4), torch.tensor([0, 1])
+    for schedule, steps in (("linear", 2), ("cosine", 3), ("cosine", 8)):
+        out = ddpm.GaussianDiffusion(beta_schedule=schedule, learn_sigma=False).sample(
+            lambda x, t, y: 0.1 * x, z, y, steps=steps, sampler="ddim", eta=1.0)
+        assert torch.isfinite(out).all(), (schedule, steps)
+
+
 def test_dpmpp_converges_to_fine_ddim():
     """DPM-Solver++(2M) and DDIM solve the same probability-flow ODE: with many steps they agree, and
     DPM-Solver++ at 25 steps is much closer to the fine solution than DDIM at 25 steps."""
@@ -879,6 +889,31 @@ def test_malformed_latent_folder_is_a_user_error_before_any_run_folder(tmp_path)
     with pytest.raises(train.UserError, match="cannot read meta.json"):
         train.main(argv)
     assert run and not os.path.exists(tmp_path / "r")                 # no run folder for a refused folder
+
+
+def test_uvit_trains_latents_with_its_own_ddpm_objective(tmp_path):
+    # U-ViT-H's code trains latents with SD's scaled-linear betas, eps only, the 1-indexed step; on the digits and
+    # for every other family the ddpm defaults are DiT's. A flag wins; on resume the checkpoint's objective stays.
+    lat = str(tmp_path / "lat")
+    make_latent_folder(lat)
+    cfg = lambda run: torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)["config"]
+    base = TINY + ["--steps", "1", "--results-dir", str(tmp_path / "r")]
+    uvit = base + ["--data", lat, "--model", "unet_vit", "--size", "U-ViT-Tiny/2"]
+    c = cfg(train.main(uvit))
+    assert c["objective"] == dict(name="ddpm", beta_schedule="scaled_linear", learn_sigma=False, timestep_offset=1,
+                                  min_snr=False) and c["model"]["out_channels"] == 1
+    for argv, digits in ((base + ["--model", "unet_vit"], True), (base + ["--data", lat, "--size", "DiT-Tiny/2"], False)):
+        c = cfg(train.main(argv))
+        assert c["objective"] == dict(name="ddpm", beta_schedule="linear", learn_sigma=True, timestep_offset=0,
+                                      min_snr=digits) and c["model"]["out_channels"] == 2
+    run = train.main(uvit + ["--learn-sigma", "--beta-schedule", "linear", "--timestep-offset", "0"])
+    assert cfg(run)["objective"]["learn_sigma"] and cfg(run)["model"]["out_channels"] == 2
+    resumed = train.main(["--resume", run, "--steps", "2"])
+    assert cfg(resumed)["objective"] == cfg(run)["objective"]
+    with pytest.raises(train.UserError, match="--no-learn-sigma: learn_sigma False differs"):
+        train.main(["--resume", run, "--steps", "3", "--no-learn-sigma"])
+    args = bench.get_parser().parse_args(["--model", "unet_vit"])   # bench builds the released U-ViT-H/2
+    assert train.objective_config(train.ddpm_defaults(args, latents=True))["learn_sigma"] is False
 
 
 def test_unusable_results_dir_is_a_user_error(tmp_path):
@@ -1289,6 +1324,17 @@ def test_sit_sde_heun_without_last_step_stays_finite():
             assert not torch.isfinite(heun).all() and torch.allclose(out, euler, atol=1e-6)
         else:
             assert (euler - heun).abs().max() > 1e-2 and torch.allclose(out, heun, atol=1e-6)
+    # GVP with a diffusion that does not vanish at t = 1 ('constant', 'decreasing' at norm 0.5): the ~1e7 score
+    # there is not cancelled and the official Heun step diverges (max |x| 9e3 / 3e3 for this field); Euler here
+    tr, field = sit.Transport("GVP", "velocity"), lambda x, t, y: 1 - 0.9 * x
+    for form, norm in (("constant", 1.0), ("decreasing", 0.5)):
+        torch.manual_seed(0)
+        heun = tr.sample(field, z, y, method="sde", solver="heun", num_steps=250, diffusion_form=form,
+                         diffusion_norm=norm, last_step=None)
+        torch.manual_seed(0)
+        euler = tr.sample(field, z, y, method="sde", solver="euler", num_steps=250, diffusion_form=form,
+                          diffusion_norm=norm, last_step=None)
+        assert heun.abs().max() < 5 and (heun - euler).abs().max() < 0.5, (form, heun.abs().max())
 
 
 def test_sit_refuses_grids_and_intervals_that_reach_a_singularity():
@@ -1298,6 +1344,9 @@ def test_sit_refuses_grids_and_intervals_that_reach_a_singularity():
             sit.Transport().sample(lambda x, t, y: x, z, y, method="ode", solver=solver, num_steps=1)
     with pytest.raises(ValueError, match="last_step_size must be > 0"):
         sit.Transport().sample(lambda x, t, y: x, z, y, method="sde", last_step="Mean", last_step_size=0.0)
+    for size in (1.0, 1.5):      # no interval left: t0 = t1 (steps of size 0) or t0 > t1 (a math domain error)
+        with pytest.raises(ValueError, match="leaves no interval"):
+            sit.Transport().sample(lambda x, t, y: x, z, y, method="sde", last_step="Mean", last_step_size=size)
     for kw in (dict(train_eps=0.0), dict(sample_eps=0.0)):
         with pytest.raises(ValueError, match="VP's dsigma"):
             sit.Transport("VP", "velocity", **kw)
@@ -1479,6 +1528,19 @@ UVIT_PARAMS = [  # (name, kwargs of the official config, official parameter coun
 ]
 
 
+def test_uvit_time_token_is_not_rounded_to_bf16_under_autocast():
+    # the official U-ViT concatenates the raw fp32 sinusoid with the bf16 patch tokens under autocast (the cat
+    # promotes to fp32); casting it to the patches' dtype first rounded it to bf16 (errors up to 2e-3)
+    torch.manual_seed(0)
+    m = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=10).eval()
+    t, seen = torch.tensor([3.0, 517.0]), []
+    m.in_blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(2, 1, 8, 8), t, torch.tensor([1, 2]))
+    exact = unet_vit.timestep_embedding(t, m.embed_dim) + m.pos_embed[0, 1]
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0][:, 1], exact)
+
+
 @pytest.mark.parametrize("name,kw,n", UVIT_PARAMS)
 def test_uvit_param_counts(name, kw, n):
     assert count(meta_model(unet_vit.UViT_models, name, **kw)) == n
@@ -1622,7 +1684,24 @@ def test_mdt_attention_with_bias_equals_explicit():
     full = attn.rel_pos_bias()
     bias = torch.stack([full[:, ids_keep[b]][:, :, ids_keep[b]] for b in range(2)])
     ref = attn.proj(mdt.attention_reference(q, k, v, bias).transpose(1, 2).reshape(2, 9, 64))
-    torch.testing.assert_close(attn(xk, ids_keep), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn(xk, mdt.kept_pairs(attn.rel_pos_bias.relative_position_index, ids_keep)), ref,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_mdt_masked_pass_keeps_one_pair_index_for_backward(version):
+    # the kept pairs' (N, K, K) offset index is the same in every block: built once per forward, autograd keeps
+    # it once (MDTv2-XL/2 at batch 64: 24 copies, ~390 MB, when each block built its own)
+    torch.manual_seed(0)
+    m = (mdt.MDT_models["MDTv2-Tiny/2"](input_size=8, in_channels=1, num_classes=10) if version == "v2" else
+         mdt.MDT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=6, num_heads=2, num_classes=10))
+    x, t, y = torch.randn(3, 1, 8, 8), torch.randint(0, 1000, (3,)), torch.randint(0, 10, (3,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(z) or z, lambda z: z):
+        m(x, t, y, mask_ratio=0.3).sum()
+    pairs = {z.untyped_storage().data_ptr() for z in saved      # (N, K, K) integer tables, not (N, K, D) gathers
+             if z.dtype == torch.long and z.dim() == 3 and z.shape[1] == z.shape[2] < 16}
+    assert len(pairs) == 1
 
 
 def test_mdt_masking_keeps_the_requested_tokens():

@@ -84,9 +84,13 @@ def add_model_args(p):
     p.add_argument("--objective", default="ddpm", help=f"training objective: {', '.join(OBJECTIVES)} (default: ddpm)")
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance (default: 0.1)")
     # ddpm
-    p.add_argument("--beta-schedule", default="linear", help="ddpm: linear (DiT), scaled_linear (U-ViT), cosine (default: linear)")
-    p.add_argument("--no-learn-sigma", action="store_true", help="ddpm: predict eps only with fixed variance (default: learned sigma, DiT)")
-    p.add_argument("--timestep-offset", type=int, default=0, help="ddpm: added to t before the backbone (1 for U-ViT checkpoints; default 0)")
+    p.add_argument("--beta-schedule", default=None, help="ddpm: linear (DiT), scaled_linear (U-ViT), cosine (default: "
+                   "scaled_linear for unet_vit on latents, as U-ViT-H's code; linear otherwise)")
+    p.add_argument("--no-learn-sigma", action="store_true", default=None, help="ddpm: predict eps only with fixed "
+                   "variance (default for unet_vit on latents, as U-ViT-H's code; otherwise a learned sigma, as DiT)")
+    p.add_argument("--learn-sigma", dest="no_learn_sigma", action="store_false", default=None, help="ddpm: learn sigma (see above)")
+    p.add_argument("--timestep-offset", type=int, default=None, help="ddpm: added to t before the backbone (default: 1 "
+                   "for unet_vit on latents, whose code feeds the 1-indexed step 1..1000; 0 otherwise)")
     p.add_argument("--min-snr", action=argparse.BooleanOptionalAction, default=None,
                    help="ddpm: weight the MSE by min(SNR,5)/SNR (default: on for MDTv2 as in its paper, and on the "
                    "digits; off for DiT, U-ViT, DiffiT and MDT v1 on other data, as in their code)")
@@ -124,7 +128,7 @@ def get_parser():
     p.add_argument("--resume", default=None, help="checkpoint file or run directory to continue from (uses its last.pt)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default on the digits: 1200 DiT, 4000 U-ViT, 2000 MDT and DiffiT; "
                    "on other data the family's own: 400000, 500000 U-ViT)")
-    p.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch size over all processes (default: 128 digits, 256 official)")
+    p.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch size over all processes (default: 128 digits; off the digits the family's recipe: 256, 1024 for unet_vit)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant after the warm-up (default: 1e-3 "
                    "digits, 3e-3 DiT there; on other data the family's own: 1e-4 DiT, 2e-4 U-ViT, 3e-4 MDT and DiffiT)")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: 0; 0.03 U-ViT off the digits)")
@@ -141,12 +145,12 @@ def get_parser():
                    help="torch.compile the model; the first step compiles (default: off; --no-compile turns it off "
                    "when resuming a compiled run)")
     p.add_argument("--memory-budget", type=float, default=None, help="with --compile: the activation memory kept for "
-                   "backward, between 0 (recompute all it can) and 1 (keep what runs fastest, the default); torch's "
+                   "backward, in (0, 1]: near 0 recompute all it can, 1 keep what runs fastest (the default); torch's "
                    "activation_memory_budget: the compiler recomputes the cheapest ops first; same math")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
     p.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
     p.add_argument("--log-every", type=int, default=None, help="log every N steps (default: 100)")
-    p.add_argument("--sample-every", type=int, default=None, help="write an EMA sample grid every N steps, 0 = never (default: 500 digits)")
+    p.add_argument("--sample-every", type=int, default=None, help="write an EMA sample grid every N steps, 0 = never (default: 500 digits, 10000 otherwise)")
     p.add_argument("--ckpt-every", type=int, default=None, help="keep a periodic checkpoint every N steps, 0 = only last.pt at the end "
                    "(default: 1000 digits, 50000)")
     p.add_argument("--skip-nonfinite", action="store_true", help="skip steps whose loss is NaN/inf (counted) instead of stopping")
@@ -259,6 +263,21 @@ def build_objective(cfg):
                              time_scale=cfg.get("time_scale", 1.0), time_reverse=cfg.get("time_reverse", False))
     except ValueError as e:   # e.g. eps = 0 for a Linear/GVP score or noise model
         raise UserError(f"sit objective: {e}")
+
+
+# ddpm's flags left unset: U-ViT's own discrete-time objective on latents (U-ViT-H, train_ldm_discrete.py: SD's
+# scaled-linear betas, eps prediction, the backbone fed the 1-indexed step); DiT's everywhere else (on pixels U-ViT
+# used a continuous VP SDE: --objective sit --path-type VP --prediction noise)
+DDPM_DEFAULTS = dict(beta_schedule="linear", no_learn_sigma=False, timestep_offset=0)
+UVIT_LATENT_DDPM = dict(beta_schedule="scaled_linear", no_learn_sigma=True, timestep_offset=1)
+
+
+def ddpm_defaults(args, latents):
+    """Fill the ddpm flags left unset (None) with the family's defaults for this kind of data."""
+    for k, v in (UVIT_LATENT_DDPM if args.model == "unet_vit" and latents else DDPM_DEFAULTS).items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
 
 
 def objective_config(args):
@@ -408,7 +427,7 @@ def check_same_network(args, given, cfg):
             raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's {v}: a resumed "
                             "run keeps its network and objective (leave the flag out, or start a new run)")
     if given & set(OBJECTIVE_FLAGS):
-        mine = objective_config(args)
+        mine = objective_config(ddpm_defaults(args, cfg.get("data", {}).get("kind") == "latents"))
         for k in sorted(given & set(OBJECTIVE_FLAGS)):
             key = OBJECTIVE_FLAGS[k]
             theirs = o.get(key, {"min_snr": False, "time_scale": 1.0}.get(key))   # keys older checkpoints lack
@@ -717,6 +736,7 @@ def main(argv=None):
         raise UserError(f"labels must be in [0, {data['num_classes']})")
 
     # --- model, EMA, objective, optimizer -------------------------------------------------------------
+    ddpm_defaults(args, data["kind"] == "latents")   # before objective_config; on resume for the args it saves
     obj_cfg = resume["config"]["objective"] if resume else objective_config(args)
     objective = build_objective(obj_cfg)
     size = args.size or FAMILIES[args.model][3 if data["kind"] == "latents" else 2]

@@ -175,7 +175,8 @@ class UViT(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"U-ViT built for {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}")
         x = self.patch_embed(x)                                                     # (N, T, D)
-        time_token = self.time_embed(timestep_embedding(t, self.embed_dim).to(x.dtype)).unsqueeze(1)  # (N, 1, D)
+        # the raw sinusoid stays in the positions' dtype (fp32 under autocast, as official: not rounded to bf16)
+        time_token = self.time_embed(timestep_embedding(t, self.embed_dim).to(self.pos_embed.dtype))[:, None]  # (N, 1, D)
         tokens = [time_token, x]
         if self.num_classes > 0:
             if y is None:
