@@ -882,13 +882,27 @@ def test_malformed_latent_folder_is_a_user_error_before_any_run_folder(tmp_path)
     make_latent_folder(lat)
     with open(os.path.join(lat, "meta.json"), "w") as f:
         json.dump({k: v for k, v in meta.items() if k != "scale_factor"}, f)
-    with pytest.raises(train.UserError, match="lacks or mistypes scale_factor"):
+    with pytest.raises(train.UserError, match="lacks, mistypes or damages scale_factor"):
         train.main(argv)
     with open(os.path.join(lat, "meta.json"), "w") as f:
         f.write('{"format": "moments-v1", ')
     with pytest.raises(train.UserError, match="cannot read meta.json"):
         train.main(argv)
+    # damaged values: a negative count trained on mom[:-1], a bool passed as an int, classes of another length
+    for key, value in (("num_done", -1), ("num_done", 9), ("num_classes", True), ("scale_factor", -0.18),
+                       ("scale_factor", float("nan")), ("classes", ["a"])):
+        with open(os.path.join(lat, "meta.json"), "w") as f:
+            json.dump({**meta, key: value}, f)
+        with pytest.raises(train.UserError, match=f"lacks, mistypes or damages {key}"):
+            train.main(argv)
+    make_latent_folder(lat)
+    for dtype in (np.float64, bool):                                   # labels that are not class indices
+        np.save(os.path.join(lat, "labels.npy"), (np.arange(8) % 2).astype(dtype))
+        with pytest.raises(train.UserError, match="labels.npy holds .* not integer class indices"):
+            train.main(argv)
     assert run and not os.path.exists(tmp_path / "r")                 # no run folder for a refused folder
+    np.save(os.path.join(lat, "labels.npy"), (np.arange(8) % 2).astype(np.int8))   # int8 labels train (were a crash)
+    assert train.main(argv)
 
 
 def test_uvit_trains_latents_with_its_own_ddpm_objective(tmp_path):
@@ -963,6 +977,21 @@ def test_image_size_is_refused_for_latents(tmp_path):
     with pytest.raises(train.UserError, match="resizes an image folder"):
         train.main(QUICK + ["--results-dir", str(tmp_path), "--data", str(tmp_path / "lat"), "--image-size", "256"])
     assert os.listdir(tmp_path) == ["lat"]                                         # no run directory was made
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    # PIL's convert("RGB"/"L") clips a 16-bit PNG ('I;16') at 255: a 0..65535 ramp became ~99% white
+    from PIL import Image
+    import extract_latents
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)           # 0..65535 in 256 levels
+    os.makedirs(tmp_path / "d" / "a")
+    Image.fromarray(ramp).save(tmp_path / "d" / "a" / "ramp.png")
+    with Image.open(tmp_path / "d" / "a" / "ramp.png") as im:
+        assert im.mode.startswith("I")
+    x, _, _ = train.load_image_folder(str(tmp_path / "d"), 16, channels=1)
+    assert abs(x.mean().item()) < 0.01 and x.min() == -1 and x.max() == 1          # 0..255 -> [-1, 1], mean 0
+    img, ok = extract_latents.Images(str(tmp_path / "d"), [("a/ramp.png", 0)], 16)[0]
+    assert ok and abs(img.mean().item()) < 0.01
 
 
 def test_input_size_not_divisible_by_patch(tmp_path):

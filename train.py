@@ -464,6 +464,15 @@ def load_digits(split="train"):
     return x[idx], y[idx]
 
 
+def to_8bit(im):
+    """16-bit images (PNG 'I;16', read as 'I;16' or 'I') scaled to 8 bits (65535 -> 255); PIL's convert("L"/"RGB")
+    clips them at 255 instead, which turns nearly every pixel white."""
+    if im.mode.startswith("I"):
+        from PIL import Image
+        return Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8))
+    return im
+
+
 def load_image_folder(root, size, channels=None):
     """Class-subfolder images -> (N, C, size, size) in [-1, 1] (center crop + resize); unreadable files are
     skipped and counted. Returns x, y, class names."""
@@ -476,7 +485,7 @@ def load_image_folder(root, size, channels=None):
         for f in sorted(os.listdir(os.path.join(root, c))):
             try:
                 with Image.open(os.path.join(root, c, f)) as im:
-                    im = im.convert("L" if channels == 1 else "RGB")
+                    im = to_8bit(im).convert("L" if channels == 1 else "RGB")
                     s = min(im.size)
                     left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
                     im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
@@ -519,9 +528,19 @@ def load_data(args):
             raise UserError(f"--data {args.data}: unknown latent format "
                             f"{meta.get('format') if isinstance(meta, dict) else None!r} (re-run extract_latents.py)")
         bad = [k for k in ("num_images", "num_done", "num_classes", "latent_channels", "latent_size", "scale_factor")
-               if not isinstance(meta.get(k), (int, float) if k == "scale_factor" else int)]
+               if not isinstance(meta.get(k), (int, float) if k == "scale_factor" else int) or isinstance(meta[k], bool)]
+        if not bad:   # and in range: a damaged count or scale would train on the wrong rows or values
+            bad = [k for k, ok in (("num_done", 0 <= meta["num_done"] <= meta["num_images"]),
+                                   ("num_classes", meta["num_classes"] >= 1),
+                                   ("latent_channels", meta["latent_channels"] >= 1),
+                                   ("latent_size", meta["latent_size"] >= 1),
+                                   ("scale_factor", 0 < meta["scale_factor"] < math.inf)) if not ok]
+        classes = meta.get("classes")
+        if not bad and classes is not None and (not isinstance(classes, list) or len(classes) != meta["num_classes"]):
+            bad = ["classes"]
         if bad:
-            raise UserError(f"--data {args.data}: meta.json lacks or mistypes {', '.join(bad)} (re-run extract_latents.py)")
+            raise UserError(f"--data {args.data}: meta.json lacks, mistypes or damages {', '.join(bad)} "
+                            "(re-run extract_latents.py)")
         n, C, s = meta["num_done"], meta["latent_channels"], meta["latent_size"]
         if n == 0:
             raise UserError(f"--data {args.data}: the latent folder is empty (extraction not started?)")
@@ -530,13 +549,16 @@ def load_data(args):
             lab = np.load(os.path.join(args.data, "labels.npy"), mmap_mode="r")     # (N,) int, -1 = not decodable
         except (OSError, ValueError) as e:
             raise UserError(f"--data {args.data}: cannot read moments.npy / labels.npy ({e}); re-run extract_latents.py")
+        if lab.dtype.kind not in "iu":
+            raise UserError(f"--data {args.data}: labels.npy holds {lab.dtype} values, not integer class indices "
+                            "(re-run extract_latents.py)")
         if mom.ndim != 5 or mom.shape[1:] != (2, 2 * C, s, s) or len(mom) < n or lab.ndim != 1 or len(lab) < n:
             raise UserError(f"--data {args.data}: moments.npy {mom.shape} and labels.npy {lab.shape} do not fit "
                             f"meta.json, which needs ({n}+, 2, {2 * C}, {s}, {s}) and ({n}+,); re-run extract_latents.py")
         if n < meta["num_images"] and int(os.environ.get("RANK", 0)) == 0:
             print(f"warning: extraction unfinished, training on the first {n} of {meta['num_images']} images")
         mom = mom[:n]
-        lab = np.array(lab[:n])
+        lab = np.array(lab[:n]).astype(np.int64)                         # int8/int32 labels too (embeddings need int64)
         rows = np.flatnonzero(lab >= 0)                                  # label -1: the image could not be decoded
         return dict(x=mom, rows=rows, y=torch.from_numpy(lab[rows]), num_classes=meta["num_classes"], kind="latents",
                     meta=meta, shape=(meta["latent_channels"], meta["latent_size"]), scale=meta["scale_factor"])
@@ -755,7 +777,9 @@ def main(argv=None):
         names = lambda d: d.get("classes") or (d.get("meta") or {}).get("classes")
         ours, theirs = names(data), names(resume["config"].get("data", {}))
         if ours and theirs and list(ours) != list(theirs):
-            diff = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            diff = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+            if diff is None:   # one list is a prefix of the other
+                raise UserError(f"--data {args.data} names {len(ours)} classes, the checkpoint {len(theirs)}")
             raise UserError(f"--data {args.data}: class {diff} is {ours[diff]!r}, the checkpoint's is {theirs[diff]!r}")
     size = model_cfg["size"]
     model = build_model(model_cfg)
