@@ -18,6 +18,7 @@ stdout and everything to --json. --profile adds where the time of one training s
 """
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -291,7 +292,7 @@ def main(argv=None):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {args.device}: no such CUDA GPU here ({torch.cuda.device_count()} available); "
                         "use --device cpu")
-    train.require_folder(args.json, "--json")                       # checked now: the JSON is written after each mode
+    train.require_json_file(args.json, "--json")                    # checked now: the JSON is written after each mode
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise UserError(f"--peak-tflops must be positive, got {args.peak_tflops}")
     if not 0 <= args.class_dropout < 1:
@@ -304,6 +305,13 @@ def main(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if not math.isfinite(args.sample_steps_scale) or (args.objective == "ddpm" and round(250 * args.sample_steps_scale) > 1000):
+        raise UserError(f"--sample-steps-scale {args.sample_steps_scale}: the 250-step DDPM row would take more than "
+                        "ddpm's 1000 timesteps" if math.isfinite(args.sample_steps_scale) else
+                        f"--sample-steps-scale must be a finite number, got {args.sample_steps_scale}")
+    if "sample" in args.what and args.class_dropout == 0:
+        raise UserError("--class-dropout 0: the sampling rows time guidance (scale 4), which needs label dropout; "
+                        "give --class-dropout > 0 or leave 'sample' out of --what")
     ignored = train.ignored_flags(train.given_flags(get_parser(), argv), args.objective)
     if ignored:
         print(ignored)

@@ -204,7 +204,7 @@ def main(argv=None):
     if sum(map(bool, (args.samples, args.all, args.run))) > 1:
         raise train.UserError("give one of --samples, --all and --run")
     if args.all or args.run:                     # checked before any training: the table is written at the end
-        train.require_folder(args.json, "--json")
+        train.require_json_file(args.json, "--json")
     if args.all:
         for name in ("steps", "sample_steps"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:

@@ -159,10 +159,32 @@ def recognise_official(sd, args, path):
     return model_cfg, obj, settings
 
 
+# what a checkpoint of train.py holds, checked before use: a damaged or foreign file with a 'config' key is one line
+OUR_KEYS = dict(model=("family", "size", "input_size", "in_channels", "out_channels", "num_classes", "class_dropout_prob"),
+                ddpm=("beta_schedule", "learn_sigma", "timestep_offset"),
+                sit=("path_type", "prediction", "loss_weight", "train_eps", "sample_eps"))
+
+
+def check_ours(ckpt, path):
+    cfg = ckpt.get("config")
+    parts = [cfg.get(k) if isinstance(cfg, dict) else None for k in ("model", "objective", "data")]
+    missing = [k for k, part in zip(("config.model", "config.objective", "config.data"), parts) if not isinstance(part, dict)]
+    if not missing:
+        model, obj, data = parts
+        missing = [f"config.model.{k}" for k in OUR_KEYS["model"] if k not in model]
+        missing += [] if obj.get("name") in ("ddpm", "sit") else ["config.objective.name (ddpm or sit)"]
+        missing += [f"config.objective.{k}" for k in OUR_KEYS.get(obj.get("name"), ()) if k not in obj]
+        missing += [] if data.get("kind") in ("digits", "images", "latents") else ["config.data.kind"]
+        missing += [k for k in ("model", "ema") if not isinstance(ckpt.get(k), dict)]
+    if missing:
+        raise UserError(f"{path}: not a complete checkpoint of this library (no {', '.join(missing[:3])})")
+
+
 def read_checkpoint(args):
     """-> (weights, model config, objective config, data kind); the model is built once the flags are checked."""
     ckpt = train.load_checkpoint(args.ckpt)
     if "config" in ckpt:                                    # ours
+        check_ours(ckpt, args.ckpt)
         model_cfg, obj_cfg = ckpt["config"]["model"], ckpt["config"]["objective"]
         weights = ckpt["model"] if args.no_ema else ckpt["ema"]
         kind = ckpt["config"]["data"]["kind"]
@@ -206,6 +228,8 @@ def main(argv=None):
     if not npz and ext.lower() not in (".png", ".jpg", ".jpeg"):
         raise UserError(f"--out {args.out}: give a .npz (samples for FID) or a .png/.jpg (a grid)")
     train.require_folder(out, "--out")
+    if npz:   # the settings go beside the samples, in X.json
+        train.require_json_file(os.path.splitext(out)[0] + ".json", f"--out {out}: its settings file")
     if args.balanced and args.class_labels:
         raise UserError("--balanced and --class-labels both choose the labels: give one")
     weights, cfg, obj_cfg, kind = read_checkpoint(args)
@@ -304,14 +328,13 @@ def main(argv=None):
         arr = (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         arrays = dict(arr_0=arr, **(dict(labels=y.numpy().astype(np.int64)) if n_cls else {}))
         train.write_atomic(out, lambda f: np.savez(f, **arrays))
-        with open(os.path.splitext(out)[0] + ".json", "w") as f:
-            json.dump(dict(ckpt=os.path.abspath(args.ckpt), ema=not args.no_ema, objective=obj_name, sampler=args.sampler,
+        train.write_atomic(os.path.splitext(out)[0] + ".json", lambda f: f.write(json.dumps(dict(ckpt=os.path.abspath(args.ckpt), ema=not args.no_ema, objective=obj_name, sampler=args.sampler,
                            steps=args.sample_steps, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
                            scale_pow=args.scale_pow, guidance_interval=args.guidance_interval,
                            labels="none" if n_cls == 0 else "given" if args.class_labels else
                            ("balanced" if args.balanced else "random"),
                            seed=args.seed, num_samples=n, vae=args.vae if kind == "latents" else None,
-                           precision=args.precision, compile=args.compile), f, indent=1)
+                           precision=args.precision, compile=args.compile), indent=1).encode()))
         print(f"wrote {out}: arr_0 {arr.shape} uint8, " + (f"labels {tuple(y.shape)}" if n_cls else "no labels (unconditional)"))
     else:
         nrow, fmt = 10 if n_cls == 10 else max(1, int(math.sqrt(n))), "JPEG" if ext.lower() in (".jpg", ".jpeg") else "PNG"

@@ -743,6 +743,7 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     (["--model", "mdt", "--mask-ratio", "0.75"], "--mask-ratio: mask_ratio 0.75 is invalid"),   # 16 tokens: <= 0.7375
     (["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
     (["--scale-pow", "inf"], "--scale-pow must be a finite number"),
+    (["--scale-pow", "-1"], "--scale-pow must be >= 0"),
 ])
 def test_train_user_errors(tmp_path, argv, match):
     with pytest.raises(train.UserError, match=match):
@@ -2558,6 +2559,9 @@ def test_quality_refuses_a_bad_samples_file_before_training_its_judge(tmp_path, 
     (["--class-dropout", "1"], "--class-dropout must be in"),
     (["--modes", "fp32", "--sample-modes", "bf16"], "each must also be in --modes"),
     (["--modes", "fp32", "--sample-modes", "fp16"], "unknown mode 'fp16'"),
+    (["--class-dropout", "0"], "--class-dropout 0: the sampling rows time guidance"),    # was a crash once sampling
+    (["--sample-steps-scale", "5"], "would take more than ddpm's 1000 timesteps"),
+    (["--sample-steps-scale", "nan"], "--sample-steps-scale must be a finite number"),
 ])
 def test_bench_refuses_bad_flags_before_measuring(tmp_path, monkeypatch, bad, match):
     forbid(monkeypatch, (bench, "bench_mode"))
@@ -2666,6 +2670,27 @@ def test_extract_latents_with_torchrun_equals_one_process(tmp_path, tiny_vae):
     assert meta["num_done"] == 16 and meta["unreadable"] == ["n02/zz_corrupt.JPEG"]
 
 
+def test_json_outputs_never_overwrite_other_files(tmp_path, one_step_run):
+    # bench.py / quality.py --json and sample.py's X.json beside X.npz: an existing file that is not JSON (a
+    # checkpoint given by mistake) is refused before any work; an earlier table is replaced
+    import quality
+    import sample
+    ckpt = tmp_path / "last.pt"
+    torch.save({"a": 1}, ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(train.UserError, match="exists and is not a JSON file: not overwritten"):
+        bench.main(["--tiny", "--device", "cpu", "--json", str(ckpt)])
+    with pytest.raises(train.UserError, match="exists and is not a JSON file"):
+        quality.main(["--run", one_step_run, "--json", str(ckpt)])
+    (tmp_path / "s.json").write_text("my notes")
+    with pytest.raises(train.UserError, match="--out .*s.npz: its settings file .*s.json exists and is not a JSON"):
+        sample.main(["--ckpt", one_step_run, "--out", str(tmp_path / "s.npz"), "--sample-steps", "2"])
+    assert ckpt.read_bytes() == before and (tmp_path / "s.json").read_text() == "my notes"
+    (tmp_path / "s.json").write_text('{"old": 1}')
+    sample.main(["--ckpt", one_step_run, "--out", str(tmp_path / "s.npz"), "--sample-steps", "2", "--num-samples", "2"])
+    assert json.load(open(tmp_path / "s.json"))["num_samples"] == 2
+
+
 def test_outputs_are_probed_and_failed_writes_leave_no_debris(tmp_path, monkeypatch):
     # an output that is a folder, or a folder that takes no file (root ignores mode bits: the probe writes a file)
     with pytest.raises(train.UserError, match="is a folder"):
@@ -2719,6 +2744,15 @@ def test_sample_flag_conflicts_and_malformed_state_dicts(tmp_path, one_step_run)
             sample.main(["--ckpt", one_step_run, "--out", str(tmp_path / "g.png")] + argv)
     with pytest.raises(SystemExit):
         sample.get_parser().parse_args(["--ckpt", "x.pt", "--objective", "foo"])
+    # damaged or foreign files with a 'config' key (they were KeyErrors and TypeErrors)
+    ck = torch.load(os.path.join(one_step_run, "checkpoints", "last.pt"), weights_only=True)
+    for damaged, what in (({"model": ck["model"], "config": {"lr": 1}}, "config.model"),
+                          ({k: v for k, v in ck.items() if k != "ema"}, "ema"), ({**ck, "config": 1}, "config.model"),
+                          ({**ck, "config": {**ck["config"], "objective": {"name": "xyz"}}}, "config.objective.name"),
+                          ({**ck, "config": {**ck["config"], "objective": {"name": "sit"}}}, "config.objective.path_type")):
+        torch.save(damaged, tmp_path / "damaged.pt")
+        with pytest.raises(train.UserError, match=f"damaged.pt: not a complete checkpoint of this library \\(no {what}"):
+            sample.main(["--ckpt", str(tmp_path / "damaged.pt"), "--out", str(tmp_path / "g.png")])
     m = dit.DiT_models["DiT-Tiny/2"](input_size=8, in_channels=3, num_classes=5)
     sd = {k: torch.randn(v.shape) * 0.02 for k, v in m.state_dict().items()}
     # a width the official registry lacks: --size names it

@@ -224,6 +224,8 @@ def resolve_args(args, preset):
     for name in ("cfg_scale", "scale_pow"):                  # a NaN would give NaN grids, not an error
         if getattr(args, name, None) is not None and not math.isfinite(getattr(args, name)):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if getattr(args, "scale_pow", None) is not None and args.scale_pow < 0:   # tau^pow at tau = 0 divides by zero
+        raise UserError(f"--scale-pow must be >= 0, got {args.scale_pow}")
     if args.cfg_scale != 1 and args.class_dropout == 0:
         raise UserError("guidance (--cfg-scale != 1) needs a model trained with label dropout; "
                         "set --cfg-scale 1 or --class-dropout > 0")
@@ -377,6 +379,20 @@ def require_folder(path, flag):
             pass
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror or e})")
+
+
+def require_json_file(path, flag):
+    """require_folder, and an existing file there must be JSON (a table we wrote before): a checkpoint or any
+    other file given by mistake is refused, not overwritten."""
+    require_folder(path, flag)
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                first = f.read(64).lstrip()[:1]
+        except OSError as e:
+            raise UserError(f"{flag} {path}: cannot read the existing file ({e.strerror or e})")
+        if first not in (b"{", b"["):
+            raise UserError(f"{flag} {path} exists and is not a JSON file: not overwritten (give another name)")
 
 
 def load_checkpoint(path):
