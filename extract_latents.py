@@ -171,10 +171,18 @@ def main(argv=None):
                 for name, shape in (("moments.npy", (N, 2, 2 * C, h, h)), ("labels.npy", (N,))):
                     if same and np.load(os.path.join(args.out, name), mmap_mode="r").shape != shape:
                         raise ValueError(f"{name} does not have the shape {shape}")
+                done = old.get("num_done")
+                if same and (type(done) is not int or not 0 <= done <= N or type(old.get("unreadable")) is not list):
+                    raise ValueError(f"meta.json's num_done {done!r} or unreadable list is not what this code wrote")
+                if same:   # rows are files.txt's lines: a folder changed since (same count) would misalign them
+                    with open(os.path.join(args.out, "files.txt")) as f:
+                        if f.read().splitlines() != [p for p, _ in items]:
+                            raise UserError(f"{args.data_path} changed since {args.out} was begun (files.txt lists "
+                                            "other images): use --overwrite to start again, or another --out")
             except (OSError, ValueError, AttributeError) as e:     # JSONDecodeError is a ValueError
                 raise UserError(f"{args.out} holds a damaged extraction ({type(e).__name__}: "
                                 f"{str(e).strip().splitlines()[0][:120]}); use --overwrite to start again")
-        if old:
+        if old is not None:                        # {} too: a damaged file must not restart the extraction silently
             if not same:
                 raise UserError(f"{args.out} holds an extraction with other settings (images, size, VAE or data); "
                                 "use another --out or --overwrite")

@@ -3281,6 +3281,23 @@ def test_extract_latents_resumes_where_it_stopped_and_only_with_the_same_setting
     np.save(os.path.join(out, "moments.npy"), np.zeros((7, 2, 8, 2, 2), np.float16))   # another latent size
     with pytest.raises(extract_latents.UserError, match="damaged extraction.*does not have the shape"):
         extract_latents.main(argv)
+    extract_latents.main(argv + ["--overwrite"])
+    for damaged in (dict(meta, num_done="4"), dict(meta, num_done=-8), dict(meta, num_done=4, unreadable=None)):
+        with open(meta_path, "w") as f:                   # were a TypeError, a broadcast error mid-run, a late crash
+            json.dump(damaged, f)
+        with pytest.raises(extract_latents.UserError, match="damaged extraction.*num_done"):
+            extract_latents.main(argv)
+    with open(meta_path, "w") as f:                       # an empty meta.json restarted from zero, silently
+        json.dump({}, f)
+    with pytest.raises(extract_latents.UserError, match="other settings"):
+        extract_latents.main(argv)
+    # one image removed and one added since the extraction began: the same count, other files (rows misaligned)
+    with open(meta_path, "w") as f:
+        json.dump(dict(meta, num_done=4), f)
+    first = sorted(os.listdir(data / "n01"))[0]
+    os.rename(data / "n01" / first, data / "n01" / ("zz" + first))
+    with pytest.raises(extract_latents.UserError, match=r"changed since .* \(files.txt lists other images\)"):
+        extract_latents.main(argv)
 
 
 def test_guidance_is_mixed_in_fp32_from_bf16_model_outputs():
