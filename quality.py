@@ -15,6 +15,7 @@ printed beside them):
 """
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -158,15 +159,24 @@ def evaluate_samplers(args):
     """Judge one trained run with several SAMPLER:STEPS settings at guidance w = 1 (the speed/quality trade-off)."""
     if not os.path.isdir(args.run):
         raise train.UserError(f"--run {args.run}: no such run directory")
-    objective = train.load_checkpoint(args.run).get("config", {}).get("objective", {}).get("name")
+    config = train.load_checkpoint(args.run).get("config")
+    config = config if isinstance(config, dict) else {}
+    objective = (config.get("objective") or {}).get("name")
     if objective not in train.SAMPLERS:
         raise train.UserError(f"--run {args.run}: not a run of train.py")
+    if (config.get("data") or {}).get("kind") != "digits":   # refused now, not after minutes of judge and sampling
+        raise train.UserError(f"--run {args.run}: trained on {(config.get('data') or {}).get('kind')}, not the digits "
+                              "this judge knows")
     specs = []                                                                  # [(sampler, steps or None), ...]
     for spec in args.samplers:
         sampler, _, steps = spec.partition(":")
         if sampler not in train.SAMPLERS[objective] or (steps and not (steps.isdigit() and int(steps) > 0)):
             raise train.UserError(f"--samplers {spec}: give SAMPLER or SAMPLER:STEPS with a sampler of "
                                   f"{objective} ({', '.join(train.SAMPLERS[objective])})")
+        lo, hi = (1 if sampler in ("dpm++", "ode-dopri5") else 2), (1000 if objective == "ddpm" else math.inf)
+        if steps and not lo <= int(steps) <= hi:              # what train.py's --sample-steps takes
+            raise train.UserError(f"--samplers {spec}: {sampler} takes " + (f"{lo} to {hi} steps" if hi < math.inf
+                                                                             else f"at least {lo} steps"))
         specs.append((sampler, int(steps) if steps else None))
     net, acc_real = train_classifier(args.seed)
     rows = []
@@ -209,6 +219,8 @@ def main(argv=None):
         for name in ("steps", "sample_steps"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise train.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if not all(math.isfinite(w) for w in args.cfg_scales):
+            raise train.UserError(f"--cfg-scales must be finite numbers, got {' '.join(map(str, args.cfg_scales))}")
         try:                                     # refused now, not after the judge and the first pairs have trained
             extra = shlex.split(args.train_args)
         except ValueError as e:

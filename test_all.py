@@ -3346,3 +3346,13 @@ def test_quality_refuses_one_sample_and_zero_steps_before_training_its_judge(tmp
         quality.main(["--samples", str(tmp_path / "one.npz")])
     with pytest.raises(train.UserError, match="--samplers ddim:0"):
         quality.main(["--run", one_step_run, "--samplers", "ddim:0", "--json", str(tmp_path / "q.json")])
+    for spec in ("ddpm:1", "ddim:1001"):                  # were refused by sample.py, after the judge trained
+        with pytest.raises(train.UserError, match=f"--samplers {spec}: .* takes 2 to 1000 steps"):
+            quality.main(["--run", one_step_run, "--samplers", spec, "--json", str(tmp_path / "q.json")])
+    with pytest.raises(train.UserError, match="--cfg-scales must be finite"):
+        quality.main(["--all", "--cfg-scales", "1", "nan", "--json", str(tmp_path / "q.json")])
+    lat = str(tmp_path / "lat")                           # a run on other data: this judge knows only the digits
+    make_latent_folder(lat)
+    run = train.main(TINY + ["--steps", "1", "--data", lat, "--size", "DiT-Tiny/2", "--results-dir", str(tmp_path / "r")])
+    with pytest.raises(train.UserError, match="trained on latents, not the digits"):
+        quality.main(["--run", run, "--samplers", "ddim:5", "--json", str(tmp_path / "q.json")])
