@@ -61,11 +61,13 @@ def center_crop_arr(img, size):
     return a[top:top + size, left:left + size]
 
 
-def list_images(root):
-    """Sorted (relative path, label) pairs and the sorted class names."""
+def list_images(root, skip=None):
+    """Sorted (relative path, label) pairs and the sorted class names; `skip` (the output folder, when it lies in
+    root) is not a class."""
     if not os.path.isdir(root):
         raise UserError(f"--data-path {root}: no such folder")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                     and not (skip and os.path.abspath(os.path.join(root, d)) == os.path.abspath(skip)))
     if not classes:
         raise UserError(f"--data-path {root}: no class subfolders (expected ROOT/CLASS/image.jpg)")
     items = [(os.path.join(c, f), i) for i, c in enumerate(classes) for f in sorted(os.listdir(os.path.join(root, c)))
@@ -141,7 +143,7 @@ def main(argv=None):
     dist = torch.distributed
     barrier = (lambda: dist.barrier()) if ddp else (lambda: None)
 
-    items, classes = list_images(args.data_path)
+    items, classes = list_images(args.data_path, skip=args.out)
     items = items[: args.limit]
     created = not os.path.isdir(args.out)
     if rank == 0:                                  # the output folder, before the VAE loads

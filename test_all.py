@@ -732,6 +732,7 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     (["--steps", "0"], "--steps must be positive"),
     (["--batch-size", "-4"], "--batch-size must be positive"),
     (["--data", "/nonexistent/folder"], "no such folder"),
+    (["--data", __file__], "a file, not a folder"),
     (["--class-dropout", "0", "--cfg-scale", "4"], "needs a model trained with label dropout"),
     (["--batch-size", "5000"], "fewer than --batch-size"),
     (["--betas", "0.9", "1.5"], "--betas must be in"),
@@ -2585,6 +2586,10 @@ def test_extract_latents_checks_out_limit_and_workers_before_the_vae(tmp_path):
                        (["--out", str(tmp_path / "o"), "--num-workers", "-1"], "--num-workers must be >= 0")):
         with pytest.raises(extract_latents.UserError, match=match):
             extract_latents.main(ok + bad)
+    # an --out inside the data folder is not a class (it was one on the rerun, so a resume was refused)
+    (data / "latents").mkdir()
+    items, classes = extract_latents.list_images(str(data), skip=str(data / "latents"))
+    assert classes == ["n01", "n02", "n03"] and "latents" in extract_latents.list_images(str(data))[1]
 
 
 def test_torchrun_resume_continues_the_same_run(tmp_path):

@@ -531,7 +531,8 @@ def load_data(args):
         x, y = load_digits("train")
         return dict(x=x, y=y, num_classes=10, kind="digits", shape=(1, 8))
     if not os.path.isdir(args.data):
-        raise UserError(f"--data {args.data}: no such folder (use 'digits', an image folder or a latent folder)")
+        raise UserError(f"--data {args.data}: " + ("a file, not a folder" if os.path.isfile(args.data) else "no such folder")
+                        + " (use 'digits', an image folder or a latent folder)")
     meta_path = os.path.join(args.data, "meta.json")
     if os.path.isfile(meta_path):  # latents written by extract_latents.py
         if args.image_size is not None:
@@ -1028,5 +1029,5 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact", file=sys.stderr)
+        print("interrupted; the checkpoints written so far are intact", file=sys.stderr)
         sys.exit(130)
