@@ -2055,6 +2055,7 @@ def test_gpu_smoke_keeps_to_its_budget(tmp_path):
     r = run_script("gpu_smoke.sh", tmp_path, BUDGET="10", START=str(int(time.time()) - 60))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "=== dit_fp32: skipped, the budget is spent" in r.stdout and "=== mdt_straight: skipped" in r.stdout
+    assert "=== mdt_sync30: skipped" in r.stdout
     assert "rc=" not in r.stdout
     with tarfile.open(tmp_path / "out.tgz") as tar:         # packed at the end: what it printed, for the record
         assert "=== dit_fp32: skipped" in tar.extractfile("./summary.txt").read().decode()

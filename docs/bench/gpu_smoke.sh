@@ -2,7 +2,7 @@
 # The GPU paths of train.py and sample.py that the CPU test suite cannot reach (train.py and sample.py pick cuda
 # by themselves): fp32 and bf16 training on the digits, a sample grid during training, resume, sample.py in bf16
 # (PNG and .npz), --compile with a masking backbone and SiT, memory-mapped latents with pinned asynchronous
-# copies, the host-device syncs per training step, and an exact resume of MDTv2. Run it before gpu_plan.sh; each
+# copies, the host-device syncs per training step (DiT; MDTv2's masked pass last), and an exact resume of MDTv2. Run it before gpu_plan.sh; each
 # step prints its rc. Not yet run on a GPU (a few minutes there, guessed); on a CPU it runs too, slowly.
 #
 #   bash docs/bench/gpu_smoke.sh                       # everything in smoke_out/
@@ -78,6 +78,13 @@ print("mdt resume: max |weight difference|", max((a["model"][k] - b["model"][k])
 for d in ("mdt4", "mdt22"):
     print(d, open(glob.glob(f"{sys.argv[1]}/{d}/*/log.txt")[0]).read().splitlines()[-2:])
 PY
+# last, where the budget allows: the same sync count for MDTv2's masked pass (its mask ratio is drawn on the CPU
+# generator, which is no device sync; the kept-pair index and the side-interpolater are device ops)
+for n in 10 30; do
+    step mdt_sync$n "$PY" -W always -c "import torch, train; torch.cuda.set_sync_debug_mode('warn'); train.main(['--model',
+        'mdt', '--steps', '$n', '--log-every', '1000', '--ckpt-every', '0', '--sample-every', '0', '--no-progress',
+        '--results-dir', '$O/mdt_sync$n'])" && echo "syncs in $n MDT steps: $(grep -c 'synchronizing CUDA operation' "$O/mdt_sync$n.log")"
+done
 nvidia-smi --query-gpu=name,memory.used --format=csv 2>/dev/null
 pack
 exit 0
