@@ -253,12 +253,13 @@ def test_min_snr_defaults():
     # learn?"); off for DiT, U-ViT, DiffiT and MDT v1 elsewhere; the flag wins both ways
     def cfg(preset, *a):
         args = train.resolve_args(train.get_parser().parse_args(list(a)), preset)
-        return train.objective_config(args)["min_snr"]
+        return train.objective_config(train.ddpm_defaults(args, latents=False))["min_snr"]
     assert cfg("digits") and cfg("digits", "--model", "unet_vit") and not cfg("digits", "--no-min-snr")
     assert cfg("official", "--model", "mdt") and cfg("official", "--model", "mdt", "--size", "MDTv2-S/2")
     assert not cfg("official", "--model", "mdt", "--size", "MDT-XL/2") and not cfg("official", "--model", "dit")
     assert not cfg("official", "--model", "diffit") and cfg("official", "--model", "dit", "--min-snr")
-    assert train.build_objective(train.objective_config(train.get_parser().parse_args([]))).mse_weight is None
+    args = train.ddpm_defaults(train.get_parser().parse_args([]), latents=False)
+    assert train.build_objective(train.objective_config(args)).mse_weight is None
 
 
 def test_flags_of_the_other_objective_are_warned_about_and_ignored(tmp_path, capsys):
