@@ -305,10 +305,11 @@ def main(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
-    if not math.isfinite(args.sample_steps_scale) or (args.objective == "ddpm" and round(250 * args.sample_steps_scale) > 1000):
+    if not math.isfinite(args.sample_steps_scale):
+        raise UserError(f"--sample-steps-scale must be a finite number, got {args.sample_steps_scale}")
+    if args.objective == "ddpm" and round(250 * args.sample_steps_scale) > 1000:
         raise UserError(f"--sample-steps-scale {args.sample_steps_scale}: the 250-step DDPM row would take more than "
-                        "ddpm's 1000 timesteps" if math.isfinite(args.sample_steps_scale) else
-                        f"--sample-steps-scale must be a finite number, got {args.sample_steps_scale}")
+                        "ddpm's 1000 timesteps")
     if "sample" in args.what and args.class_dropout == 0:
         raise UserError("--class-dropout 0: the sampling rows time guidance (scale 4), which needs label dropout; "
                         "give --class-dropout > 0 or leave 'sample' out of --what")

@@ -35,15 +35,6 @@ SCALE_FACTOR = 0.18215
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
-def to_8bit(im):
-    """16-bit images (PNG 'I;16', read as 'I;16' or 'I') scaled to 8 bits (65535 -> 255); PIL's convert("RGB")
-    clips them at 255 instead, which turns nearly every pixel white (the same helper as train.py's)."""
-    if im.mode.startswith("I"):
-        from PIL import Image
-        return Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8))
-    return im
-
-
 class UserError(Exception):
     """Printed as one line; exit code 2."""
 
@@ -88,6 +79,7 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
+        from train import to_8bit                 # 16-bit PNGs scaled, not clipped white
         try:
             with Image.open(os.path.join(self.root, self.items[i][0])) as im:
                 a = center_crop_arr(to_8bit(im).convert("RGB"), self.size)

@@ -328,13 +328,14 @@ def main(argv=None):
         arr = (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         arrays = dict(arr_0=arr, **(dict(labels=y.numpy().astype(np.int64)) if n_cls else {}))
         train.write_atomic(out, lambda f: np.savez(f, **arrays))
-        train.write_atomic(os.path.splitext(out)[0] + ".json", lambda f: f.write(json.dumps(dict(ckpt=os.path.abspath(args.ckpt), ema=not args.no_ema, objective=obj_name, sampler=args.sampler,
-                           steps=args.sample_steps, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
-                           scale_pow=args.scale_pow, guidance_interval=args.guidance_interval,
-                           labels="none" if n_cls == 0 else "given" if args.class_labels else
-                           ("balanced" if args.balanced else "random"),
-                           seed=args.seed, num_samples=n, vae=args.vae if kind == "latents" else None,
-                           precision=args.precision, compile=args.compile), indent=1).encode()))
+        settings = dict(ckpt=os.path.abspath(args.ckpt), ema=not args.no_ema, objective=obj_name, sampler=args.sampler,
+                        steps=args.sample_steps, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
+                        scale_pow=args.scale_pow, guidance_interval=args.guidance_interval,
+                        labels="none" if n_cls == 0 else "given" if args.class_labels else
+                        ("balanced" if args.balanced else "random"),
+                        seed=args.seed, num_samples=n, vae=args.vae if kind == "latents" else None,
+                        precision=args.precision, compile=args.compile)
+        train.write_atomic(os.path.splitext(out)[0] + ".json", lambda f: f.write(json.dumps(settings, indent=1).encode()))
         print(f"wrote {out}: arr_0 {arr.shape} uint8, " + (f"labels {tuple(y.shape)}" if n_cls else "no labels (unconditional)"))
     else:
         nrow, fmt = 10 if n_cls == 10 else max(1, int(math.sqrt(n))), "JPEG" if ext.lower() in (".jpg", ".jpeg") else "PNG"
