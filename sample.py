@@ -248,6 +248,12 @@ def main(argv=None):
                             if n_cls == 0 else "this model was trained without label dropout, so it has no null label: "
                             "classifier-free guidance is impossible; use --cfg-scale 1")
         args.cfg_scale = 1.0
+    if args.cfg_scale == 1.0:        # flags that only shape guidance: with none, say so rather than ignore them silently
+        idle = [f"--{k.replace('_', '-')}" for k in ("cfg_channels", "scale_pow", "guidance_interval")
+                if k in train.given_flags(get_parser(), argv)]
+        if idle:
+            print(f"warning: {' '.join(idle)} only shape{'s' if len(idle) == 1 else ''} guidance, which is off "
+                  "(--cfg-scale 1): ignored")
     args.class_dropout, args.model, args.objective = cfg["class_dropout_prob"], cfg["family"], obj_name
     args = train.resolve_args(args, "digits" if kind == "digits" else "official")
     if args.batch_size <= 0:

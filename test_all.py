@@ -2698,6 +2698,16 @@ def test_json_outputs_never_overwrite_other_files(tmp_path, one_step_run):
     assert json.load(open(tmp_path / "s.json"))["num_samples"] == 2
 
 
+def test_sample_warns_about_guidance_flags_when_guidance_is_off(tmp_path, one_step_run, capsys):
+    import sample
+    common = ["--ckpt", one_step_run, "--out", str(tmp_path / "g.png"), "--sample-steps", "2", "--num-samples", "2"]
+    sample.main(common + ["--cfg-scale", "1", "--scale-pow", "4", "--guidance-interval", "0.1", "0.9"])
+    assert "warning: --scale-pow --guidance-interval only shape guidance, which is off (--cfg-scale 1): ignored" in \
+        capsys.readouterr().out
+    sample.main(common + ["--scale-pow", "4"])                    # guidance on (the default 4): no warning
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_outputs_are_probed_and_failed_writes_leave_no_debris(tmp_path, monkeypatch):
     # an output that is a folder, or a folder that takes no file (root ignores mode bits: the probe writes a file)
     with pytest.raises(train.UserError, match="is a folder"):
