@@ -906,6 +906,9 @@ def test_malformed_latent_folder_is_a_user_error_before_any_run_folder(tmp_path)
     assert run and not os.path.exists(tmp_path / "r")                 # no run folder for a refused folder
     np.save(os.path.join(lat, "labels.npy"), (np.arange(8) % 2).astype(np.int8))   # int8 labels train (were a crash)
     assert train.main(argv)
+    np.save(os.path.join(lat, "moments.npy"), np.full((8, 2, 2, 8, 8), np.nan, np.float16))   # broken data, not lr
+    with pytest.raises(train.UserError, match=r"non-finite at step 1; .* or --data holds non-finite values\)$"):
+        train.main(argv)
 
 
 def test_uvit_trains_latents_with_its_own_ddpm_objective(tmp_path):

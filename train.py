@@ -945,7 +945,8 @@ def main(argv=None):
             if first_bad.item() >= 0:
                 raise UserError(f"the loss became non-finite at step {first_bad.item()}; nothing was saved after it, "
                                 f"the last checkpoint in {run_dir or 'the run directory'} is intact (try --precision fp32, "
-                                f"--grad-clip 1, a lower --lr, or --skip-nonfinite)")
+                                f"--grad-clip 1, a lower --lr, or --skip-nonfinite"
+                                + ("; or --data holds non-finite values)" if data["kind"] != "digits" else ")"))
         if step % args.log_every == 0 or step == args.steps:
             if ddp:
                 dist.all_reduce(log_sum)
