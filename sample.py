@@ -249,8 +249,8 @@ def main(argv=None):
                             "classifier-free guidance is impossible; use --cfg-scale 1")
         args.cfg_scale = 1.0
     if args.cfg_scale == 1.0:        # flags that only shape guidance: with none, say so rather than ignore them silently
-        idle = [f"--{k.replace('_', '-')}" for k in ("cfg_channels", "scale_pow", "guidance_interval")
-                if k in train.given_flags(get_parser(), argv)]
+        given = train.given_flags(get_parser(), argv)
+        idle = [f"--{k.replace('_', '-')}" for k in ("cfg_channels", "scale_pow", "guidance_interval") if k in given]
         if idle:
             print(f"warning: {' '.join(idle)} only shape{'s' if len(idle) == 1 else ''} guidance, which is off "
                   "(--cfg-scale 1): ignored")
