@@ -315,11 +315,12 @@ class Transport:
             else:                                                  # stochastic Heun (official integrators.py)
                 xhat = x + math.sqrt(2 * D) * dw
                 k1 = sde_drift(xhat, t)
-                k2 = sde_drift(xhat + dt * k1, t + dt)
                 # last_step=None ends at t = 1, where the score is singular: Linear's is inf (the official gives
                 # NaN), GVP's finite but ~1e7, harmless only where D(1) vanishes (sigma, linear, SBDM forms; the
                 # official diverges for 'constant'). Otherwise that one step is an Euler step.
-                if i == num_steps - 2 and t1 >= 1.0 and (abs(D1) > 1e-6 or not torch.isfinite(k2).all()):
+                at_one = i == num_steps - 2 and t1 >= 1.0
+                k2 = None if at_one and abs(D1) > 1e-6 else sde_drift(xhat + dt * k1, t + dt)
+                if k2 is None or (at_one and not torch.isfinite(k2).all()):
                     x = xhat + dt * k1
                 else:
                     x = xhat + 0.5 * dt * (k1 + k2)

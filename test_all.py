@@ -1370,6 +1370,11 @@ def test_sit_sde_heun_without_last_step_stays_finite():
         euler = tr.sample(field, z, y, method="sde", solver="euler", num_steps=250, diffusion_form=form,
                           diffusion_norm=norm, last_step=None)
         assert heun.abs().max() < 5 and (heun - euler).abs().max() < 0.5, (form, heun.abs().max())
+    # ... and that last Euler step does not evaluate the corrector it would throw away: 2 + 2 + 1 model calls
+    times = []
+    tr.sample(lambda x, t, y: times.append(float(t[0])) or field(x, t, y), z, y, method="sde", solver="heun",
+              num_steps=4, diffusion_form="constant", last_step=None)
+    assert len(times) == 5 and max(times) < 1, times
 
 
 def test_sit_refuses_grids_and_intervals_that_reach_a_singularity():
