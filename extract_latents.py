@@ -8,7 +8,8 @@ Encode an ImageNet-style folder (ROOT/CLASS/*.JPEG) into Stable-Diffusion-VAE la
 What is stored, and why (OUT/):
     moments.npy  float16 (N, 2, 2C, h, w): for every image the VAE posterior mean (channels 0..C-1) and std
                  (C..2C-1), of the image ([:, 0]) and of its horizontal flip ([:, 1]). C = 4, h = w = size / 8.
-    labels.npy   int64 (N,): class index = position of the folder name in sorted(folders) (ImageFolder order);
+    labels.npy   int64 (N,): class index = position of the folder name in sorted(folders) (ImageFolder order; folders
+                 starting with "." are not classes);
                  -1 marks an image that could not be decoded (the trainer skips those rows).
     meta.json    format, num_images, num_done (rows finished, in order), classes, image_size, latent_size,
                  latent_channels, scale_factor 0.18215, vae, flips, unreadable files; files.txt: row -> path.
@@ -54,10 +55,10 @@ def center_crop_arr(img, size):
 
 def list_images(root, skip=None):
     """Sorted (relative path, label) pairs and the sorted class names; `skip` (the output folder, when it lies in
-    root) is not a class."""
+    root) and hidden folders (.ipynb_checkpoints) are not classes."""
     if not os.path.isdir(root):
         raise UserError(f"--data-path {root}: no such folder")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+    classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
                      and not (skip and os.path.abspath(os.path.join(root, d)) == os.path.abspath(skip)))
     if not classes:
         raise UserError(f"--data-path {root}: no class subfolders (expected ROOT/CLASS/image.jpg)")
@@ -65,6 +66,8 @@ def list_images(root, skip=None):
              if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not items:
         raise UserError(f"--data-path {root}: no image files in the class folders")
+    from train import warn_empty_classes
+    warn_empty_classes(classes, {i for _, i in items}, root)
     return items, classes
 
 

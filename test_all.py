@@ -1000,6 +1000,21 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     assert ok and abs(img.mean().item()) < 0.01
 
 
+def test_hidden_folders_are_not_classes_and_empty_classes_are_named(tmp_path, capsys):
+    """A notebook's .ipynb_checkpoints in the data folder is not a class; an empty class folder keeps its label
+    (the numbering of the sorted folder names) and is named in a warning, in train.py and extract_latents.py."""
+    import extract_latents
+    data = make_image_folder(tmp_path, size=8, n=2)
+    for d in (".ipynb_checkpoints", "bird"):
+        os.makedirs(data / d)
+    x, y, classes = train.load_image_folder(str(data), 8)
+    assert classes == ["bird", "cat", "dog"] and sorted(set(y.tolist())) == [1, 2]
+    assert "1 of the 3 class folders" in capsys.readouterr().out
+    items, classes = extract_latents.list_images(str(data))
+    assert classes == ["bird", "cat", "dog"] and {i for _, i in items} == {1, 2}
+    assert "hold no images (their labels are kept but never trained): bird" in capsys.readouterr().out
+
+
 def test_input_size_not_divisible_by_patch(tmp_path):
     data = make_image_folder(tmp_path, size=12)
     with pytest.raises(train.UserError, match="not divisible"):

@@ -489,11 +489,20 @@ def to_8bit(im):
     return im
 
 
+def warn_empty_classes(classes, used, root):
+    """A class folder without images keeps its label (the class numbering stays that of the sorted folder names)
+    but never trains: say so."""
+    empty = [c for i, c in enumerate(classes) if i not in used]
+    if empty and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {len(empty)} of the {len(classes)} class folders in {root} hold no images (their labels "
+              f"are kept but never trained): {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}")
+
+
 def load_image_folder(root, size, channels=None):
     """Class-subfolder images -> (N, C, size, size) in [-1, 1] (center crop + resize); unreadable files are
-    skipped and counted. Returns x, y, class names."""
+    skipped and counted; hidden folders (.ipynb_checkpoints) are not classes. Returns x, y, class names."""
     from PIL import Image
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise UserError(f"--data {root}: no class subfolders found (expected ROOT/CLASS/image.png)")
     xs, ys, bad = [], [], 0
@@ -515,6 +524,7 @@ def load_image_folder(root, size, channels=None):
         raise UserError(f"--data {root}: no readable images ({bad} unreadable files)")
     if bad:
         print(f"warning: skipped {bad} unreadable files in {root}")
+    warn_empty_classes(classes, set(ys), root)
     x = torch.from_numpy(np.stack(xs)) / 127.5 - 1.0
     return x, torch.tensor(ys), classes
 
