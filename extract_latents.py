@@ -32,12 +32,10 @@ import time
 import numpy as np
 import torch
 
+from train import UserError, init_distributed, load_vae, to_8bit, warn_empty_classes
+
 SCALE_FACTOR = 0.18215
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
-class UserError(Exception):
-    """Printed as one line; exit code 2."""
 
 
 def center_crop_arr(img, size):
@@ -66,7 +64,6 @@ def list_images(root, skip=None):
              if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not items:
         raise UserError(f"--data-path {root}: no image files in the class folders")
-    from train import warn_empty_classes
     warn_empty_classes(classes, {i for _, i in items}, root)
     return items, classes
 
@@ -82,24 +79,12 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
-        from train import to_8bit                 # 16-bit PNGs scaled, not clipped white
         try:
             with Image.open(os.path.join(self.root, self.items[i][0])) as im:
                 a = center_crop_arr(to_8bit(im).convert("RGB"), self.size)
             return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 127.5 - 1.0, True
         except Exception:
             return torch.zeros(3, self.size, self.size), False
-
-
-def load_vae(name, device):
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        raise UserError("extract_latents.py needs diffusers: pip install diffusers")
-    try:
-        return AutoencoderKL.from_pretrained(name).to(device).eval()
-    except Exception as e:
-        raise UserError(f"cannot load the VAE {name!r} (--vae): {str(e).splitlines()[0][:200]}")
 
 
 def write_json(obj, path):
@@ -133,7 +118,6 @@ def main(argv=None):
         raise UserError(f"--limit must be positive (leave it out for all images), got {args.limit}")
     if args.num_workers < 0:
         raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
-    from train import init_distributed
     ddp, rank, world, device = init_distributed()
     dist = torch.distributed
     barrier = (lambda: dist.barrier()) if ddp else (lambda: None)
@@ -149,7 +133,7 @@ def main(argv=None):
     N, h = len(items), args.image_size // 8
     meta_path = os.path.join(args.out, "meta.json")
     try:
-        vae = load_vae(args.vae, device)
+        vae = load_vae(args.vae, device, "extract_latents.py")
     except UserError:
         if rank == 0 and created and not os.listdir(args.out):   # a bad --vae leaves no empty folder behind
             os.rmdir(args.out)

@@ -207,18 +207,6 @@ def read_checkpoint(args):
     return weights, model_cfg, obj_cfg, kind
 
 
-def load_vae(vae_id, device):
-    """The SD VAE that decodes latents, loaded before any sampling: a bad --vae fails at once."""
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        raise UserError("decoding latents needs diffusers: pip install diffusers")
-    try:
-        return AutoencoderKL.from_pretrained(vae_id).to(device).eval()
-    except Exception as e:
-        raise UserError(f"cannot load the VAE {vae_id!r} (--vae): {str(e).strip().splitlines()[0][:200]}")
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_parser().parse_args(argv)
@@ -282,7 +270,7 @@ def main(argv=None):
     model.eval()
     ddp, rank, world, device = train.init_distributed()   # torchrun: each process samples every world-th chunk
     dist = torch.distributed
-    vae = load_vae(args.vae, device) if kind == "latents" else None
+    vae = train.load_vae(args.vae, device, "decoding latents") if kind == "latents" else None
     torch.backends.cuda.matmul.allow_tf32 = True
     model.to(device)
     if args.precision == "bf16":

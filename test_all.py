@@ -2334,8 +2334,8 @@ def test_latent_pipeline_end_to_end(tmp_path, tiny_vae):
             "--num-workers", "0"]
     real_load = extract_latents.load_vae
 
-    def failing_vae(name, device):                         # dies on its second batch, like a preempted job
-        v = real_load(name, device)
+    def failing_vae(*args):                                # dies on its second batch, like a preempted job
+        v = real_load(*args)
         calls = {"n": 0}
         encode = v.encode
 
@@ -3306,8 +3306,8 @@ def test_extract_latents_resumes_where_it_stopped_and_only_with_the_same_setting
         extract_latents.main(argv[:6] + ["--vae", str(tmp_path / "other_vae")] + argv[8:])
     encoded, real_load = [], extract_latents.load_vae
 
-    def counting(name, device):
-        v = real_load(name, device)
+    def counting(*args):
+        v = real_load(*args)
         enc = v.encode
         v.encode = lambda x: encoded.append(len(x) // 2) or enc(x)
         return v

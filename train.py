@@ -489,6 +489,19 @@ def to_8bit(im):
     return im
 
 
+def load_vae(name, device, purpose):
+    """The SD VAE (diffusers AutoencoderKL, imported only here) for extract_latents.py and sample.py; a missing
+    diffusers or a bad --vae is a one-line error, given before any long work starts."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise UserError(f"{purpose} needs diffusers: pip install diffusers")
+    try:
+        return AutoencoderKL.from_pretrained(name).to(device).eval()
+    except Exception as e:
+        raise UserError(f"cannot load the VAE {name!r} (--vae): {str(e).strip().splitlines()[0][:200]}")
+
+
 def warn_empty_classes(classes, used, root):
     """A class folder without images keeps its label (the class numbering stays that of the sorted folder names)
     but never trains: say so."""
