@@ -357,7 +357,7 @@ class MDTv2(nn.Module):
         pairs = None
         if masked:
             x, mask, ids_restore, ids_keep = self.draw_mask(x, mask_ratio)    # (N, K, D)
-            pairs = kept_pairs(self.en_inblocks[0].attn.rel_pos_bias.relative_position_index, ids_keep)  # (N, K, K)
+            pairs = kept_pairs(self.sideblocks[0].attn.rel_pos_bias.relative_position_index, ids_keep)   # (N, K, K)
         skips = []
         for blk in self.en_inblocks:
             x = blk(x, c, pairs=pairs)

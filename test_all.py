@@ -2243,6 +2243,10 @@ def test_mdt_decode_layer_is_validated():
         with pytest.raises(ValueError, match="decode_layer"):
             _tiny_mdt(version, **kw)
     assert len(_tiny_mdt("v2", decode_layer=0).de_blocks) == 0 and len(_tiny_mdt("v1", decode_layer=4).blocks) == 4
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4])
+    for version in ("v1", "v2"):       # every edge value runs masked too (v2 without encoder blocks was an IndexError)
+        for d in ((1, 4) if version == "v1" else (0, 4)):
+            assert _tiny_mdt(version, decode_layer=d)(x, t, y, mask_ratio=0.3).shape == (2, 2, 8, 8)
 
 
 def test_uvit_class_conditional_without_labels_is_a_value_error():
