@@ -187,10 +187,15 @@ class GaussianDiffusion:
         self.mse_weight = mse_weight
         self.base = chain_constants(make_betas(beta_schedule, num_timesteps))
         self._chains = {}                         # respaced chains, keyed by steps
-        self._torch = {}                          # float64 tensors per (chain id, device)
+        self._torch = {}                          # float64 tensors per (id of the table, name, device)
 
     def out_channels(self, in_channels):
         return 2 * in_channels if self.learn_sigma else in_channels
+
+    def __getstate__(self):
+        """A copy (deepcopy, pickle) starts with an empty device cache: its keys are id()s of this object's
+        tables, which a copy's own tables could take over once this object is freed."""
+        return {**self.__dict__, "_torch": {}}
 
     # --- constants ---------------------------------------------------------------------------------
 
