@@ -59,6 +59,7 @@ Deviations from the official code (the numbers of a sampler or loss are otherwis
     - No likelihood evaluation (the official sample_ode_likelihood) yet.
 """
 import math
+import warnings
 
 import torch
 
@@ -92,6 +93,13 @@ def guidance_weight(cfg_scale, tau, scale_pow=None, interval=None):
     if scale_pow is not None:
         return 1.0 + (cfg_scale - 1.0) * 0.5 * (1.0 - math.cos(math.pi * (1.0 - tau) ** scale_pow))
     return cfg_scale
+
+
+def warn_if_training(model):
+    """A backbone left in train mode keeps dropping labels (and any dropout) while it samples: say so."""
+    if getattr(model, "training", False):
+        warnings.warn("sampling a model in train mode: its label dropout stays on (call model.eval() first)",
+                      stacklevel=3)
 
 
 def guided_model(model, x, t, y, w, cfg_channels=None, model_kwargs=None):
@@ -251,6 +259,7 @@ class Transport:
         ODE solvers: 'euler', 'heun' (2nd order, 2 evaluations per step), 'dopri5' (adaptive; num_steps unused).
         SDE solvers: 'euler' (Euler-Maruyama), 'heun'; diffusion_form: constant, SBDM, sigma (the official CLI
         default), linear, decreasing, increasing-decreasing; last_step: 'Mean', 'Tweedie', 'Euler' or None."""
+        warn_if_training(model)
         self.nfe = 0
         guide = dict(cfg_channels=cfg_channels, model_kwargs=model_kwargs)
 

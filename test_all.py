@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -499,8 +500,29 @@ def test_ddpm_sampler_step_counts():
     calls.clear()
     D.sample(counting, z, y, sampler="dpm++")         # its own default, not the 250 of ddpm
     assert len(calls) == 25
-    with pytest.raises(ValueError, match="dpm\\+\\+ steps"):
-        D.sample(counting, z, y, steps=0, sampler="dpm++")
+    for bad in (0, "ddim5"):                          # "ddim5" was a TypeError from a comparison
+        with pytest.raises(ValueError, match="dpm\\+\\+ steps must be an integer"):
+            D.sample(counting, z, y, steps=bad, sampler="dpm++")
+    calls.clear()                                     # the default 250 steps, or T where T < 250
+    ddpm.GaussianDiffusion(num_timesteps=100).sample(counting, z, y)
+    assert len(calls) == 100
+
+
+def test_sampling_a_model_in_train_mode_warns():
+    """Label dropout stays on in train mode: sampling right after a training loop without model.eval() would
+    silently replace some labels by the null label."""
+    m = dit.DiT_models["DiT-Tiny/2"](input_size=8, in_channels=1, num_classes=10)
+    z, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    for sample in (lambda: ddpm.GaussianDiffusion().sample(m, z, y, steps=2),
+                   lambda: ddpm.GaussianDiffusion().sample(m, z, y, steps=2, sampler="dpm++"),
+                   lambda: sit.Transport().sample(m, z, y, method="ode", num_steps=2)):
+        with pytest.warns(UserWarning, match="train mode"):
+            sample()
+        m.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sample()
+        m.train()
 
 
 
