@@ -154,7 +154,7 @@ def warn_if_training(model):
     """A backbone left in train mode keeps dropping labels (and any dropout) while it samples: say so."""
     if getattr(model, "training", False):
         warnings.warn("sampling a model in train mode: its label dropout stays on (call model.eval() first)",
-                      stacklevel=3)
+                      stacklevel=4)   # the caller of sample(), under its no_grad wrapper
 
 
 def guided_model(model, x, t, y, w, cfg_channels=None, model_kwargs=None):

@@ -99,7 +99,7 @@ def warn_if_training(model):
     """A backbone left in train mode keeps dropping labels (and any dropout) while it samples: say so."""
     if getattr(model, "training", False):
         warnings.warn("sampling a model in train mode: its label dropout stays on (call model.eval() first)",
-                      stacklevel=3)
+                      stacklevel=4)   # the caller of sample(), under its no_grad wrapper
 
 
 def guided_model(model, x, t, y, w, cfg_channels=None, model_kwargs=None):
@@ -404,5 +404,5 @@ if __name__ == "__main__":
     y = torch.zeros(20000, dtype=torch.long)
     for kw in [dict(method="ode", solver="dopri5"), dict(method="ode", solver="heun", num_steps=50),
                dict(method="sde", solver="euler", num_steps=250)]:
-        x = tr.sample(Exact(), z, y, **kw)
+        x = tr.sample(Exact().eval(), z, y, **kw)
         print(f"{kw}: mean {x.mean():.3f} (2.0), std {x.std():.3f} (0.5), nfe {tr.nfe}")
