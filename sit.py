@@ -95,6 +95,13 @@ def guidance_weight(cfg_scale, tau, scale_pow=None, interval=None):
     return cfg_scale
 
 
+def first_channels(out, C):
+    """The model output's first C channels in fp32 (a learned-sigma head's extra ones are not used here)."""
+    if out.shape[1] < C:
+        raise ValueError(f"the model gives {out.shape[1]} output channels; this objective needs {C}")
+    return out[:, :C].float()
+
+
 def warn_if_training(model):
     """A backbone left in train mode keeps dropping labels (and any dropout) while it samples: say so."""
     if getattr(model, "training", False):
@@ -220,7 +227,7 @@ class Transport:
         te = expand(t.float(), x1)
         alpha, dalpha, sigma, dsigma = self.alpha_sigma(te)
         x_t = alpha * x1 + sigma * x0                                  # Eq. 1 (code time)
-        out = model(x_t, self.model_t(t), y, **(model_kwargs or {}))[:, :x1.shape[1]].float()
+        out = first_channels(model(x_t, self.model_t(t), y, **(model_kwargs or {})), x1.shape[1])
         if self.prediction == "velocity":
             return dict(loss=mean_flat((out - (dalpha * x1 + dsigma * x0)) ** 2))   # Eq. 3
         g = self.drift_coeffs(te)[1]
@@ -234,7 +241,7 @@ class Transport:
         """Probability-flow velocity v(x, t) and (if needed) the score, from one (guided) model call."""
         self.nfe += 1
         tb = torch.full((x.shape[0],), float(t), device=x.device)
-        out = guided_model(model, x, self.model_t(tb), y, w, cfg_channels, model_kwargs)[:, :x.shape[1]].float()
+        out = first_channels(guided_model(model, x, self.model_t(tb), y, w, cfg_channels, model_kwargs), x.shape[1])
         te = expand(tb, x)
         alpha, dalpha, sigma, dsigma = self.alpha_sigma(te)
         if self.prediction == "velocity":

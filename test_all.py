@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+# the toy models of the objective tests sample in train mode; the scripts never do (a test below)
+pytestmark = pytest.mark.filterwarnings("ignore:sampling a model in train mode")
+
 import ddpm
 import dit
 import train
@@ -508,6 +511,17 @@ def test_ddpm_sampler_step_counts():
     assert len(calls) == 100
 
 
+def test_the_scripts_sample_in_eval_mode(tmp_path):
+    """train.py's sample grids and sample.py (.npz, both objectives) sample their models in eval mode."""
+    import sample
+    with warnings.catch_warnings():    # (a filterwarnings mark here would lose to the module's ignore)
+        warnings.filterwarnings("error", "sampling a model in train mode")
+        for objective in ("ddpm", "sit"):
+            run = train.main(TINY + ["--steps", "1", "--sample-every", "1", "--objective", objective,
+                                     "--results-dir", str(tmp_path / objective)])
+            sample.main(["--ckpt", run, "--num-samples", "2", "--sample-steps", "2", "--out", str(tmp_path / "s.npz")])
+
+
 def test_sampling_a_model_in_train_mode_warns():
     """Label dropout stays on in train mode: sampling right after a training loop without model.eval() would
     silently replace some labels by the null label."""
@@ -539,6 +553,12 @@ def test_ddpm_loss_refuses_a_model_without_the_variance_channels():
     x = torch.randn(2, 4, 4, 4)
     with pytest.raises(ValueError, match="needs 8"):
         D.loss(lambda x_t, t, y: torch.zeros_like(x_t), x, None)
+    # SiT likewise refuses too few channels (a 1-channel output was broadcast over all 4, silently)
+    one = lambda x_t, t, y: x_t[:, :1]
+    for run in (lambda: sit.Transport().loss(one, x, None),
+                lambda: sit.Transport().sample(one, x, None, method="ode", num_steps=2)):
+        with pytest.raises(ValueError, match="gives 1 output channels; this objective needs 4"):
+            run()
 
 # DDPM ancestral samples of the OFFICIAL diffusion code (facebookresearch/DiT diffusion/ @ ed81ce2:
 # create_diffusion(timestep_respacing="10", learn_sigma=...).p_sample_loop) with the model below, noise z and
