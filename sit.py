@@ -263,7 +263,9 @@ class Transport:
                progress=False):
         """Integrate from noise z (t = t0) to data (t = 1). Steps follow the official grid
         t = linspace(t0, t1, num_steps), i.e. num_steps - 1 steps (+ the SDE's last step).
-        ODE solvers: 'euler', 'heun' (2nd order, 2 evaluations per step), 'dopri5' (adaptive; num_steps unused).
+        ODE solvers: 'euler', 'heun' (2nd order, 2 evaluations per step), 'dopri5' (adaptive; num_steps unused;
+        under bf16 autocast its rtol 1e-3 is finer than the model's output precision, so it takes more steps: 56
+        vs 44 evaluations in fp32 for 16 samples of a digits DiT-Tiny/2).
         SDE solvers: 'euler' (Euler-Maruyama), 'heun'; diffusion_form: constant, SBDM, sigma (the official CLI
         default), linear, decreasing, increasing-decreasing; last_step: 'Mean', 'Tweedie', 'Euler' or None."""
         warn_if_training(model)
