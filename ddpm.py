@@ -21,6 +21,15 @@ What is inside: one class, GaussianDiffusion, with
     out_channels(C)                         2C with learned sigma (eps and the variance interpolant v)
 plus the small helpers it needs (schedules, respacing, KL, discretized Gaussian likelihood, guidance).
 
+Use (any backbone with the contract model(x, t, y) -> (N, out_channels, H, W); dit.py's here):
+    import torch; from dit import DiT_models; from ddpm import GaussianDiffusion
+    D = GaussianDiffusion()                                    # DiT's: linear betas, learned sigma, T = 1000
+    model = DiT_models["DiT-S/8"](input_size=32, in_channels=4, out_channels=D.out_channels(4))
+    x, y = torch.randn(8, 4, 32, 32), torch.randint(0, 1000, (8,))   # a batch of latents and labels
+    D.loss(model, x, y)["loss"].mean().backward()              # one training step's loss (t drawn uniformly)
+    model.eval()                                               # label dropout off before sampling
+    z = D.sample(model, torch.randn(4, 4, 32, 32), y[:4], sampler="dpm++", cfg_scale=4.0)   # (4, 4, 32, 32)
+
 Deviations from the official code (numbers are equal; see test_all.py for the golden values):
     - One class instead of ADM's GaussianDiffusion/SpacedDiffusion/_WrappedModel/enums (same math).
     - Respacing supports one section ("250" or "ddim250" style), not ADM's comma-separated sections.

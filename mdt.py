@@ -10,7 +10,16 @@ The idea (Sec. 3): during training a random subset of the latent tokens is dropp
 the visible tokens, a small side-interpolater predicts the dropped ones from the visible ones, and the
 decoder reconstructs the full sequence. The diffusion loss is computed both on the full input and on the
 masked input (train.py does the second pass when `model.trains_with_mask`). At inference nothing is
-masked and the side-interpolater is unused.
+masked and the side-interpolater is unused. Outside train.py, one step's loss is (same t, fresh noise):
+
+    import torch; from mdt import MDT_models; from ddpm import GaussianDiffusion
+    D = GaussianDiffusion(mse_weight="min_snr_5")              # MDTv2's objective (see ddpm.py)
+    model = MDT_models["MDTv2-S/2"](input_size=16, in_channels=4, out_channels=D.out_channels(4))
+    x, y = torch.randn(4, 4, 16, 16), torch.randint(0, 1000, (4,))   # latents of 128px images, labels
+    t = torch.randint(0, 1000, (4,))
+    loss = D.loss(model, x, y, t=t)["loss"].mean() + \
+        D.loss(model, x, y, t=t, model_kwargs=dict(mask_ratio=0.3))["loss"].mean()   # full + masked pass
+    loss.backward()
 
 What is inside:
     timestep_embedding, sincos_pos_embed_2d   as DiT (the position tables are learnable here, sin-cos init)

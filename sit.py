@@ -27,6 +27,16 @@ What is inside: class Transport with
     out_channels(C) = C (an official learn_sigma checkpoint has 2C outputs: the extra half is ignored)
 plus classifier-free guidance shared by all samplers (same rules as ddpm.py).
 
+Use (any backbone with the contract model(x, t, y) -> (N, >= C, H, W); dit.py's here, i.e. SiT-S/8):
+    import torch; from dit import DiT_models; from sit import Transport
+    tr = Transport("Linear", "velocity")                       # SiT's default path and prediction
+    model = DiT_models["DiT-S/8"](input_size=32, in_channels=4, out_channels=tr.out_channels(4))
+    x, y = torch.randn(8, 4, 32, 32), torch.randint(0, 1000, (8,))   # a batch of latents and labels
+    tr.loss(model, x, y)["loss"].mean().backward()
+    model.eval()                                               # label dropout off before sampling
+    z = tr.sample(model, torch.randn(4, 4, 32, 32), y[:4], method="ode", solver="heun", num_steps=10,
+                  cfg_scale=4.0)                               # (4, 4, 32, 32); SiT's SDE: method="sde"
+
 Deviations from the official code (the numbers of a sampler or loss are otherwise the same):
     - The eps margins: the official create_transport ignores a user train_eps/sample_eps for Linear/GVP
       velocity models and takes sample_eps's default from the wrong condition (`train_eps is None`). Here a
