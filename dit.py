@@ -13,7 +13,7 @@ What is inside (top to bottom):
     DiTBlock                                    adaLN-Zero block (Sec. 3.2, Fig. 3 right)
     FinalLayer                                  adaLN + linear decoder to p*p*C_out per token (Sec. 3.2)
     DiT                                         the model: patchify -> blocks -> unpatchify
-    DiT_models                                  the 12 configs of Tab. 1/Tab. 4 plus small CPU configs of ours
+    DiT_models                                  the 12 configs of Tab. 1/Tab. 4 plus DiT-Tiny/2, ours for CPU runs
 
 Contract with the objectives (ddpm.py, sit.py): model(x, t, y) -> (N, out_channels, H, W).
     x: (N, C, H, W) image or latent; t: (N,) time value as the objective passes it (ddpm: integer
@@ -70,6 +70,8 @@ def sincos_1d(pos, dim):
 def sincos_pos_embed_2d(dim, grid_size):
     """Fixed 2-D position table (T, dim), T = grid_size^2 in row-major token order.
     The first dim/2 channels encode the column (x) index, the last dim/2 the row (y) index (as MAE/DiT)."""
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos position table needs a width divisible by 4, got {dim}")
     rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")  # (g, g) each
     return np.concatenate([sincos_1d(cols.reshape(-1), dim // 2), sincos_1d(rows.reshape(-1), dim // 2)], axis=1)
 
@@ -118,11 +120,16 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 (a class-conditional backbone), got {num_classes}")
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
     def forward(self, y):
+        if y is None:
+            raise ValueError(f"this backbone is class-conditional: pass labels y (N,) in 0..{self.num_classes - 1}"
+                             + (f", or {self.num_classes} for the null label" if self.dropout_prob > 0 else ""))
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
@@ -144,6 +151,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"the width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

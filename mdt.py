@@ -83,6 +83,8 @@ def sincos_1d(pos, dim):
 
 def sincos_pos_embed_2d(dim, grid):
     """(g*g, dim) table, row-major tokens; first dim/2 channels encode the column, last dim/2 the row."""
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos position table needs a width divisible by 4, got {dim}")
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
     return np.concatenate([sincos_1d(cols.reshape(-1), dim // 2), sincos_1d(rows.reshape(-1), dim // 2)], axis=1)
 
@@ -128,10 +130,15 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 (a class-conditional backbone), got {num_classes}")
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def forward(self, y):
+        if y is None:
+            raise ValueError(f"this backbone is class-conditional: pass labels y (N,) in 0..{self.num_classes - 1}"
+                             + (f", or {self.num_classes} for the null label" if self.dropout_prob > 0 else ""))
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
@@ -173,6 +180,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim, num_heads, grid):
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"the width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)

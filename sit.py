@@ -25,6 +25,8 @@ What is inside: class Transport with
     sample(model, z, y, method='ode'|'sde', solver=..., num_steps=...)  Euler / Heun / adaptive dopri5 ODE;
                                            Euler-Maruyama / Heun SDE with the last-step options
     out_channels(C) = C (an official learn_sigma checkpoint has 2C outputs: the extra half is ignored)
+    Transport(..., time_scale=1, time_reverse=False): the backbone is fed time_scale * t, or time_scale * (1 - t)
+                                           (U-ViT-L/2's continuous-time checkpoints: 999, True)
 plus classifier-free guidance shared by all samplers (same rules as ddpm.py).
 
 Use (any backbone with the contract model(x, t, y) -> (N, >= C, H, W); dit.py's here, i.e. SiT-S/8):

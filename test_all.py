@@ -2299,6 +2299,32 @@ def test_mdt_decode_layer_is_validated():
             assert _tiny_mdt(version, decode_layer=d)(x, t, y, mask_ratio=0.3).shape == (2, 2, 8, 8)
 
 
+def test_backbone_configs_and_labels_are_checked_up_front():
+    """A width that num_heads does not divide, or a 2-D sin-cos table of a width not divisible by 4, is a
+    ValueError when the model is built (was a reshape error in the first forward); labels missing, or
+    num_classes 0 on a class-conditional backbone, name the cause (were TypeError / index errors)."""
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([3, 4])
+    builds = {"dit": lambda **k: dit.DiT(**{**dict(input_size=8, patch_size=2, in_channels=1, num_classes=10, depth=1), **k}),
+              "mdt": lambda **k: mdt.MDTv2(**{**dict(input_size=8, in_channels=1, num_classes=10, depth=2, decode_layer=0), **k}),
+              "diffit": lambda **k: diffit.DiffiT(**{**dict(input_size=8, in_channels=1, num_classes=10, depth=1), **k}),
+              "unet_vit": lambda **k: unet_vit.UViT(**{**dict(input_size=8, in_channels=1, num_classes=10, depth=1), **k})}
+    for name, build in builds.items():
+        width = "embed_dim" if name == "unet_vit" else "hidden_size"
+        with pytest.raises(ValueError, match="not divisible by num_heads"):
+            build(**{width: 36, "num_heads": 5})
+        if name != "unet_vit":                                  # U-ViT's positions are learned, not sin-cos
+            with pytest.raises(ValueError, match="divisible by 4"):
+                build(hidden_size=34, num_heads=2)
+            with pytest.raises(ValueError, match="num_classes must be >= 1"):
+                build(num_classes=0, class_dropout_prob=0)
+            for mode in ("train", "eval"):
+                m = build(hidden_size=32, num_heads=2)
+                getattr(m, mode)()
+                with pytest.raises(ValueError, match="class-conditional: pass labels y"):
+                    m(x, t, None)
+                assert m(x, t, y).shape[0] == 2
+
+
 def test_uvit_class_conditional_without_labels_is_a_value_error():
     m = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=10, depth=2)
     with pytest.raises(ValueError, match="class-conditional"):

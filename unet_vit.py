@@ -20,7 +20,8 @@ Time value the released checkpoints expect (the backbone embeds whatever it is g
         scaled-linear schedule -> ddpm.py with beta_schedule='scaled_linear', learn_sigma=False,
         timestep_offset=1 (an eps model; its DPM-Solver also feeds float n).
     U-ViT-L/2, L/4 and the pixel models (continuous VP SDE, beta(s) = 0.1 + 19.9 s): 999 * s with s the
-        diffusion time (s = 1 noise). That is sit.py's VP path with a noise model, fed 999 * (1 - t).
+        diffusion time (s = 1 noise). That is sit.py's VP path with a noise model, fed 999 * (1 - t):
+        Transport("VP", "noise", time_scale=999, time_reverse=True).
 
 Letters: N batch, C channels, H/W size, p patch, T = (H/p)^2 patch tokens, E extra tokens (2 with a
 label, 1 without), D width.
@@ -73,6 +74,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim, num_heads, qkv_bias=False):
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"the width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
