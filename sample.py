@@ -246,7 +246,7 @@ def main(argv=None):
     args = train.resolve_args(args, "digits" if kind == "digits" else "official")
     if args.batch_size <= 0:
         raise UserError("--batch-size must be positive")
-    if args.cfg_channels is not None and args.cfg_channels > C:
+    if args.cfg_channels is not None and args.cfg_channels > C and args.cfg_scale != 1.0:   # (ignored when off)
         raise UserError(f"--cfg-channels {args.cfg_channels} is more than the model's {C} channels")
     n = args.num_samples if args.num_samples is not None else (len(args.class_labels) if args.class_labels
                                                                 else min(4 * n_cls, 40) if n_cls else 40)

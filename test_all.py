@@ -2809,6 +2809,8 @@ def test_sample_warns_about_guidance_flags_when_guidance_is_off(tmp_path, one_st
         capsys.readouterr().out
     sample.main(common + ["--scale-pow", "4"])                    # guidance on (the default 4): no warning
     assert "warning" not in capsys.readouterr().out
+    sample.main(common + ["--cfg-scale", "1", "--cfg-channels", "3"])   # ignored means not checked either (1 channel)
+    assert "warning: --cfg-channels only shapes guidance" in capsys.readouterr().out
 
 
 def test_outputs_are_probed_and_failed_writes_leave_no_debris(tmp_path, monkeypatch):
