@@ -72,6 +72,8 @@ import torch.nn.functional as F
 
 def timestep_embedding(t, dim, max_period=10000):
     """(N,) -> (N, dim) = [cos(t w_i), sin(t w_i)], w_i = max_period^(-i/half), fp32."""
+    if t.dim() != 1:
+        raise ValueError(f"t must hold one time per sample, shape (N,); got {tuple(t.shape)}")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]

@@ -2325,6 +2325,23 @@ def test_backbone_configs_and_labels_are_checked_up_front():
                 assert m(x, t, y).shape[0] == 2
 
 
+def test_backbones_refuse_a_time_that_is_not_one_per_sample():
+    """The contract is t of shape (N,): a 0-d time was an IndexError inside the embedding, an (N, 1) one an
+    (N, 1, half) broadcast that failed later or not at all. Every family (and DiffiT's U-Net) names the cause."""
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
+    models = [dit.DiT(input_size=8, patch_size=2, in_channels=1, num_classes=10, depth=1, hidden_size=32, num_heads=2),
+              unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=10, depth=1),
+              _tiny_mdt("v1"), _tiny_mdt("v2"),
+              diffit.DiffiT(input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=32, num_heads=2),
+              diffit.DiffiT_models["DiffiT-UNet-Tiny"](input_size=8, in_channels=1, num_classes=10)]
+    for m in models:
+        m.eval()
+        for bad in (torch.tensor(5), torch.tensor([[1], [2]])):
+            with pytest.raises(ValueError, match=r"t must hold one time per sample, shape \(N,\)"):
+                m(x, bad, y)
+        assert m(x, torch.tensor([1, 2]), y).shape[0] == 2
+
+
 def test_uvit_class_conditional_without_labels_is_a_value_error():
     m = unet_vit.UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=10, depth=2)
     with pytest.raises(ValueError, match="class-conditional"):
