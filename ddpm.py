@@ -236,8 +236,6 @@ class GaussianDiffusion:
 
     def model_t(self, kept, t):
         """Timestep the backbone sees: the original timestep of respaced index t, plus the offset."""
-        if kept is None:
-            return t + self.timestep_offset
         key = ("kept", id(kept), t.device)
         if key not in self._torch:
             self._torch[key] = torch.tensor(kept, device=t.device)
@@ -257,7 +255,10 @@ class GaussianDiffusion:
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean = self.gather(c, "post_coef1", t, x) * x0 + self.gather(c, "post_coef2", t, x) * x            # DDPM Eq. 7
-        if out.shape[1] >= 2 * C and self.learn_sigma:
+        if self.learn_sigma:
+            if out.shape[1] < 2 * C:          # as loss(): no silent fallback to a fixed variance
+                raise ValueError(f"the model gives {out.shape[1]} output channels; this objective needs {2 * C} "
+                                 f"(learn_sigma: eps and the variance for {C} channels)")
             frac = (out[:, C:2 * C] + 1) / 2                   # v in [-1, 1] -> interpolation weight (not clamped)
             logvar = frac * self.gather(c, "log_betas", t, x) + (1 - frac) * self.gather(c, "post_logvar_clipped", t, x)  # iDDPM Eq. 15
         elif self.fixed_variance == "small":
@@ -386,10 +387,11 @@ if __name__ == "__main__":
     diffusion = GaussianDiffusion()
     print("abar_999 =", diffusion.base["abar"][999], "(official 4.0358e-05)")
     print("respaced '250' first/last:", space_timesteps(1000, 250)[:4], space_timesteps(1000, 250)[-3:])
-    # The golden hybrid-loss value of the fact sheet (A.2), from the official code
+    # A golden hybrid-loss value computed with the official DiT diffusion code (gaussian_diffusion.py) on these inputs
     x0 = (2 * torch.arange(32.0) / 31 - 1).reshape(2, 4, 2, 2)
     noise = torch.cos(torch.arange(32.0)).reshape(2, 4, 2, 2)
     out = (0.5 * torch.sin(torch.arange(64.0))).reshape(2, 8, 2, 2)
     fake = lambda x, t, y: out
     terms = diffusion.loss(fake, x0, None, t=torch.tensor([0, 500]), noise=noise)
     print("loss at t=[0,500]:", terms["loss"].tolist(), "(official [2.70188451, 0.78515083])")
+    assert torch.allclose(terms["loss"], torch.tensor([2.70188451, 0.78515083]), rtol=1e-5), "golden loss differs"

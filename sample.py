@@ -289,8 +289,10 @@ def main(argv=None):
         if i not in mine:
             continue
         b = min(args.batch_size, n - i)
-        torch.manual_seed(args.seed * 1_000_003 + c)                  # also the sampler's own noise (SDE, DDPM)
-        z = torch.randn(b, C, H, H, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + c))
+        # one stream per chunk: z, then (on CPU) the sampler's own noise (DDPM, SDE). A second generator with the
+        # same seed would hand the sampler's first noise draw the values of z again.
+        torch.manual_seed(args.seed * 1_000_003 + c)
+        z = torch.randn(b, C, H, H)
         with amp:
             x = train.sample_images(objective, net, z.to(device), y[i:i + b].to(device), obj_name, args,
                                     progress=sys.stderr.isatty() and rank == 0)

@@ -554,6 +554,9 @@ def test_ddpm_loss_refuses_a_model_without_the_variance_channels():
     x = torch.randn(2, 4, 4, 4)
     with pytest.raises(ValueError, match="needs 8"):
         D.loss(lambda x_t, t, y: torch.zeros_like(x_t), x, None)
+    for sampler in ("ddpm", "ddim"):        # sampling fell back to a fixed variance instead, silently
+        with pytest.raises(ValueError, match="needs 8"):
+            D.sample(lambda x_t, t, y: torch.zeros_like(x_t), x, None, steps=2, sampler=sampler)
     # SiT likewise refuses too few channels (a 1-channel output was broadcast over all 4, silently)
     one = lambda x_t, t, y: x_t[:, :1]
     for run in (lambda: sit.Transport().loss(one, x, None),
@@ -3354,6 +3357,9 @@ def test_sample_seed_and_chunks_each_draw_their_own_noise_and_labels(tmp_path, m
 
     def fake(objective, model, z, y, name, args, progress=False):
         calls.append((torch.initial_seed(), z.clone()))
+        # the sampler's own noise (what DDPM and the SDE draw next) is not z again: one seed fed to two generators
+        # gave the first noise draw the values of z
+        assert not torch.allclose(torch.randn_like(z), z)
         return torch.zeros_like(z)
     monkeypatch.setattr(train, "sample_images", fake)
     labels = {}
