@@ -58,8 +58,9 @@ OFFICIAL = {
     # guidance 0.4 in their convention = 1.4 here (FID 2.29)
     "U-ViT-discrete": (dict(name="ddpm", beta_schedule="scaled_linear", learn_sigma=False, timestep_offset=1,
                             min_snr=False), dict(sampler="dpm++", sample_steps=50, cfg_scale=(1.4, 4.0))),
-    # U-ViT-L: continuous VP SDE (= sit.py's VP path), noise model fed 999 * (1 - t); DPM-Solver 50 NFE in the
-    # paper, here an ODE solver on the same probability flow; guidance 1.4 (FID 3.40)
+    # U-ViT-L and the pixel models: continuous VP SDE (= sit.py's VP path), noise model fed 999 * (1 - t);
+    # DPM-Solver 50 NFE in the paper, here an ODE solver on the same probability flow; guidance 1.4 (FID 3.40).
+    # ImageNet-512 (L/4, H/4): guidance 0.7 in their convention = 1.7 here; ImageNet-64: no guidance (no null label)
     "U-ViT-continuous": (dict(name="sit", path_type="VP", prediction="noise", loss_weight=None, train_eps=None,
                               sample_eps=1e-4, time_scale=999.0, time_reverse=True),
                          dict(sampler="ode-heun", sample_steps=26, cfg_scale=(1.4, 4.0))),
@@ -107,6 +108,7 @@ def recognise_official(sd, args, path):
     and v2) and DiffiT, read off the key names and shapes; UserError for anything else."""
     sd = train.clean_state_dict(sd)
     base = os.path.basename(path).lower()
+    extra = {}
     if "en_inblocks.0.attn.qkv.weight" in sd:                                  # MDTv2
         family, key = "mdt", "MDT"
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
@@ -114,6 +116,7 @@ def recognise_official(sd, args, path):
         size = size_name("MDTv2", D, depth, p, {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"},
                          args.size)
         in_ch, grid, out_ch, n_cls = dit_style_io(sd, p)
+        extra = dict(decode_layer=n_blocks(sd, "de_blocks."))   # the file's own, e.g. S/2 from MDTv2_S_2(): 4, not 6
     elif "sideblocks.0.attn.qkv.weight" in sd and "blocks.0.attn.qkv.weight" in sd:   # MDT v1 (one plain stack)
         family, key = "mdt", "MDT"         # MDT's FID script settings (cfg 3.8 was tuned on v1, sail-sg/MDT#47)
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
@@ -146,12 +149,14 @@ def recognise_official(sd, args, path):
         raise UserError(f"{path}: not a checkpoint of this library and not an official DiT/SiT/U-ViT/MDTv2/DiffiT "
                         "state dict")
     obj, settings = OFFICIAL[key]
+    if family == "unet_vit" and in_ch == 4 and grid * p == 64:     # ImageNet-512 configs: scale 0.7 (theirs) = 1.7
+        settings = dict(settings, cfg_scale=(1.7, 4.0))
     if args.objective and args.objective != obj["name"] and family != "dit":
         raise UserError(f"{path} is a {key} checkpoint; it samples with --objective {obj['name']}")
     model_cfg = dict(family=family, size=args.size or size, input_size=grid * p, in_channels=in_ch, out_channels=out_ch,
-                     num_classes=n_cls, class_dropout_prob=0.1 if n_cls else 0.0, official=True)
-    if family == "unet_vit" and size.startswith("U-ViT-M"):
-        model_cfg["class_dropout_prob"] = 0.0                             # ImageNet-64: 1000 classes, no null row
+                     num_classes=n_cls, class_dropout_prob=0.1 if n_cls else 0.0, official=True, **extra)
+    if family == "unet_vit" and n_cls and in_ch == 3:    # ImageNet-64 pixels (M/4, L/4): 1000 classes, no null row
+        model_cfg["class_dropout_prob"] = 0.0
         model_cfg["num_classes"] = n_cls + 1
     obj = dict(obj, learn_sigma=out_ch == 2 * in_ch) if obj["name"] == "ddpm" else obj
     print(f"{os.path.basename(path)}: official {key} weights read as {model_cfg['size']} at {grid * p}x{grid * p}x{in_ch}, "

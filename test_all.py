@@ -1544,6 +1544,30 @@ def test_official_checkpoints_are_recognised(fname, registry, size, input_size, 
         assert settings["cfg_scale"][0] == 1.49 and "scale_pow" not in settings
 
 
+def test_official_files_beyond_the_256px_flagships_are_read_as_released():
+    """U-ViT's ImageNet-64 L/4 has 1000 label rows and no null one (was read as 999 classes + a null label and
+    guided with class 999); U-ViT's ImageNet-512 files guide with 0.7 in their convention (1.7 here, was 1.4);
+    an MDTv2 file keeps its own decoder depth (MDTv2_S_2() builds 4 decoder blocks, our registry's S/2 has 6)."""
+    import sample
+    import unet_vit
+    cases = [("imagenet64_uvit_large.pth", meta_model(unet_vit.UViT_models, "U-ViT-L/4", input_size=64, in_channels=3,
+                                                      class_dropout_prob=0.0)),
+             ("imagenet512_uvit_huge.pth", meta_model(unet_vit.UViT_models, "U-ViT-H/4", input_size=64)),
+             ("mdt_s2.pt", meta_model(mdt.MDT_models, "MDTv2-S/2", input_size=32, decode_layer=4))]
+    for fname, m in cases:
+        args = sample.get_parser().parse_args(["--ckpt", fname])
+        cfg, obj_cfg, settings = sample.recognise_official(m.state_dict(), args, fname)
+        with torch.device("meta"):
+            built = train.build_model(cfg).state_dict()
+        assert {k: tuple(v.shape) for k, v in built.items()} == {k: tuple(v.shape) for k, v in m.state_dict().items()}
+        if fname.startswith("imagenet64"):
+            assert (cfg["num_classes"], cfg["class_dropout_prob"]) == (1000, 0.0)
+        if fname.startswith("imagenet512"):
+            assert settings["cfg_scale"] == (1.7, 4.0)
+        if fname.startswith("mdt"):
+            assert cfg["decode_layer"] == 4
+
+
 # ===================================================================================================
 # Every backbone x every objective (families that exist in this checkout)
 # ===================================================================================================

@@ -311,6 +311,7 @@ def build_model(model_cfg):
     if model_cfg["size"] not in reg:
         raise UserError(f"unknown --size {model_cfg['size']!r} for {model_cfg['family']}; choose one of {', '.join(reg)}")
     kwargs = {k: model_cfg[k] for k in ("input_size", "in_channels", "out_channels", "num_classes", "class_dropout_prob")}
+    kwargs.update({k: model_cfg[k] for k in ("decode_layer",) if k in model_cfg})   # an official MDTv2 file's own
     try:
         return reg[model_cfg["size"]](**kwargs)
     except (ValueError, AssertionError) as e:
