@@ -37,7 +37,7 @@ Deviations from the official code (numbers are equal; see test_all.py for the go
       official DiT/MDT/DiffiT behaviour (guidance on the first 3 latent channels only).
     - DDIM draws noise only when eta > 0 (the official loop draws and discards it every step), and clamps
       1 - abar_prev - sigma^2 at 0: at eta = 1 it is 0 up to float rounding, and a rounding below 0 made the
-      official sample NaN (e.g. 2 respaced steps of the linear schedule).
+      official sample NaN (e.g. 2 respaced steps of the cosine schedule).
     - The min(SNR, 5)/SNR weight of MDTv2 on the MSE term is an option (mse_weight='min_snr_5').
 """
 import math
@@ -150,7 +150,7 @@ def mean_flat(x):
 def guidance_weight(cfg_scale, tau, scale_pow=None, interval=None):
     """The guidance weight w at noise level tau in [0, 1] (1 = pure noise).
     scale_pow: MDT's power-cosine schedule w(tau) = 1 + (w - 1) * (1 - cos(pi * (1 - tau)^pow)) / 2
-    (MDT Sec. 3.4 "improved CFG"; w ramps from 1 at tau = 1 to w at tau = 0).
+    (MDT v1 App. D "Improved classifier-free guidance"; w ramps from 1 at tau = 1 to w at tau = 0).
     interval (lo, hi): guidance only for lo <= tau <= hi (Kynkaanniemi et al., arXiv 2404.07724)."""
     if interval is not None and not interval[0] <= tau <= interval[1]:
         return 1.0
@@ -248,7 +248,7 @@ class GaussianDiffusion:
         return self.gather(self.base, "sqrt_abar", t, x0) * x0 + self.gather(self.base, "sqrt_1m_abar", t, x0) * noise
 
     def p_mean_variance(self, c, out, x, t, clip_denoised=False):
-        """Mean and log-variance of p(x_{t-1} | x_t) from the model output (iDDPM Eqs. 13-15), plus x0_hat."""
+        """Mean and log-variance of p(x_{t-1} | x_t) from the model output (iDDPM Eqs. 13 and 15), plus x0_hat."""
         C = x.shape[1]
         eps = out[:, :C]
         x0 = self.gather(c, "sqrt_recip_abar", t, x) * x - self.gather(c, "sqrt_recipm1_abar", t, x) * eps  # Eq. 15 of DDPM
@@ -378,7 +378,7 @@ class GaussianDiffusion:
             else:                                                               # 2M: Alg. 2, r = h_prev / h
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (sigma(s_next) / sigma(s)) * x - alpha(s_next) * math.expm1(-h) * d   # DPM-Solver++ Eq. 9
+            x = (sigma(s_next) / sigma(s)) * x - alpha(s_next) * math.expm1(-h) * d   # DPM-Solver++ Alg. 2
             x0_prev, h_prev = x0, h
         return x
 

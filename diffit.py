@@ -391,7 +391,7 @@ class DiffiTUNet(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------
 # Registry. DiffiT-XL/2 at 256px with 2C outputs: 561,330,144 parameters incl. the fixed position table
-# (561.04M trainable; Tab. 9 says 561M; the paper's text says 30 layers, its tables and the weights say 28).
+# (561.04M trainable; Tab. 9 says 561M, which depth 28 gives, as the weights; the paper's text says 30 layers).
 # ---------------------------------------------------------------------------------------------------
 
 DiffiT_models = {

@@ -7,7 +7,7 @@ Code:   facebookresearch/DiT @ ed81ce2 (models.py), read for names, shapes and c
         SiT (arXiv 2401.08740, willisma/SiT) uses this exact network, so its checkpoint loads here too.
 
 What is inside (top to bottom):
-    timestep_embedding / sincos_pos_embed_2d   sinusoidal tables (Sec. 3.2 "Patchify", "DiT block design")
+    timestep_embedding / sincos_pos_embed_2d   sinusoidal tables (Sec. 3.2 "Patchify"; App. A for t)
     PatchEmbed, TimestepEmbedder, LabelEmbedder   the three input embedders (Fig. 3)
     Attention, Mlp                              the transformer sub-layers, written out (SDPA attention)
     DiTBlock                                    adaLN-Zero block (Sec. 3.2, Fig. 3 right)
@@ -248,7 +248,7 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """The official initialisation (Sec. 3.2 "adaLN-Zero"; order matters for seeded runs)."""
+        """The official initialisation (Sec. 3.2 "adaLN-Zero", Sec. 4 "Training"; order matters for seeded runs)."""
         def basic_init(m):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

@@ -3,10 +3,11 @@ MDT / MDTv2: the Masked Diffusion Transformer, a DiT-style backbone trained with
 
 Paper: S. Gao, P. Zhou, M.-M. Cheng, S. Yan, "Masked Diffusion Transformer is a Strong Image Synthesizer",
        ICCV 2023, arXiv 2303.14389
-       (https://arxiv.org/abs/2303.14389; v3 describes MDTv2).
+       (https://arxiv.org/abs/2303.14389; v1 is the ICCV MDT paper, v2 of Feb 2024 describes MDTv2). Sections
+       are cited by heading, with v1's numbers (its method is Sec. 4): v2's could not be checked here.
 Code:  sail-sg/MDT, branch main (MDTv2, masked_diffusion/models.py), read for names, shapes and constants only.
 
-The idea (Sec. 3): during training a random subset of the latent tokens is dropped; the encoder sees only
+The idea (Sec. 4): during training a random subset of the latent tokens is dropped; the encoder sees only
 the visible tokens, a small side-interpolater predicts the dropped ones from the visible ones, and the
 decoder reconstructs the full sequence. The diffusion loss is computed both on the full input and on the
 masked input (train.py does the second pass when `model.trains_with_mask`). At inference nothing is
@@ -30,7 +31,7 @@ What is inside:
     FinalLayer
     MDTv2                                     encoder in-blocks -> out-blocks (U-Net skips) -> [side-interpolater
                                               when masking] -> decoder blocks (each fed the pre-masking input)
-    random_masking, side_interpolate          mask latent modeling (Sec. 3.2), shared by both versions
+    random_masking, side_interpolate          mask latent modeling ("Latent masking", Sec. 4.2), both versions
     MDT                                       v1: one plain stack; its last decode_layer blocks are the decoder
     MDT_models                                the paper's sizes
 
@@ -178,7 +179,7 @@ def attention_reference(q, k, v, bias):
 
 
 class Attention(nn.Module):
-    """Self-attention with relative position bias (MDT Sec. 3.2), through SDPA with an additive mask."""
+    """Self-attention with relative position bias (Sec. 4.3, "Position-aware encoder and decoder"), through SDPA with an additive mask."""
 
     def __init__(self, dim, num_heads, grid):
         super().__init__()
@@ -295,7 +296,7 @@ def random_masking(x, ratio):
 
 def side_interpolate(model, x, c, mask, ids_restore):
     """Fill the dropped positions with the mask token, restore the token order, add the decoder positions,
-    run the side block and keep its output only at the dropped positions (the masked shortcut, Sec. 3.2)."""
+    run the side block and keep its output only at the dropped positions (Sec. 4.3, "Side-interpolater")."""
     N, K, D = x.shape
     x = torch.cat([x, model.mask_token.expand(N, ids_restore.shape[1] - K, D)], dim=1)
     x = torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, D)) + model.decoder_pos_embed   # (N, L, D)
@@ -327,7 +328,7 @@ def check_mask_ratio(model, mask_ratio, spread):
 class MDTv2(nn.Module):
     """MDTv2: (x, t, y, mask_ratio=None) -> (N, out_channels, H, W)."""
 
-    trains_with_mask = True   # train.py adds the masked pass (Sec. 3.3)
+    trains_with_mask = True   # train.py adds the masked pass (Sec. 4.4, "Training")
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, out_channels=None, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, decode_layer=4):
@@ -445,8 +446,8 @@ class MDT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Registry (paper sizes; decode_layer of the released scripts: 4 for B/L/XL -- the XL/2 checkpoint needs it --
-# and 6 for S as in run.sh; the paper's S/B values could not be checked). Parameter counts at 256px,
+# Registry (paper sizes; decode_layer: 4 for XL as the released scripts and checkpoint, 6 for S as run.sh; B/L
+# take the constructor default 4, no released script builds them; the paper's S/B values could not be checked). Parameter counts at 256px,
 # everything included (side block and mask token): XL/2 742,263,904; used at inference 718,342,176.
 # MDT v1 XL/2: 699,778,144; used at inference 675,856,416 (the paper's "676M").
 # ---------------------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ DDPM_LINEAR = dict(name="ddpm", beta_schedule="linear", learn_sigma=True, timest
 OFFICIAL = {
     # DiT Tab. 2 / sample.py: 250 DDPM steps, 3-channel guidance 1.5 (FID) / 4.0 (visuals)
     "DiT": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(1.5, 4.0), cfg_channels=3)),
-    # SiT Tab. 7: SDE Euler-Maruyama 250 steps, sigma diffusion, last step Mean, guidance 1.5 (FID 2.06)
+    # the official SiT sample_ddp.py SDE defaults: Euler-Maruyama 250 steps, sigma diffusion, last step Mean;
+    # guidance 1.5 (paper Tab. 7: FID 2.06 with the SDE sampler)
     "SiT": (dict(name="sit", path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None,
                  sample_eps=None), dict(sampler="sde-euler", sample_steps=250, cfg_scale=(1.5, 4.0), cfg_channels=3)),
     # U-ViT-H: discrete SD scaled-linear schedule, eps model, 1-indexed steps; DPM-Solver 50 steps, all-channel
@@ -66,7 +67,8 @@ OFFICIAL = {
                          dict(sampler="ode-heun", sample_steps=26, cfg_scale=(1.4, 4.0))),
     # MDTv2 image_sample.py: 250 DDPM steps, 3-channel power-cosine guidance 3.8, scale_pow 4 (FID 1.58)
     "MDT": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(3.8, 4.0), cfg_channels=3, scale_pow=4.0)),
-    # DiffiT slurm_sample_256.sh: 250 DDPM steps, 3-channel power-cosine 4.4, pow 4 (FID 1.73); 512: constant 1.49
+    # DiffiT slurm_sample_256.sh: 250 DDPM steps, 3-channel power-cosine 4.4, pow 4 (the paper names 4.6 for its
+    # FID 1.73); 512: constant 1.49 (FID 2.67)
     "DiffiT-256": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(4.4, 4.4), cfg_channels=3, scale_pow=4.0)),
     "DiffiT-512": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(1.49, 4.0), cfg_channels=3)),
 }

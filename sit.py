@@ -11,17 +11,17 @@ TIME CONVENTION (the official code's, which the released SiT-XL/2 checkpoint was
     t = 0 is pure noise, t = 1 is data;  x_t = alpha_t * x1 + sigma_t * x0,  x0 ~ N(0, I) noise, x1 data.
     The paper writes the same path with time reversed (paper t = 1 - code t, Eq. 1: x_t = alpha_t x_* + sigma_t eps
     with alpha_0 = 1). The backbone receives the raw code t in [0, 1] (not x1000).
-Paths (alpha = data coefficient, sigma = noise coefficient; Sec. 3.1, Tab. 4 of the paper):
+Paths (alpha = data coefficient, sigma = noise coefficient; Sec. 2.3, Eqs. 11-12; their FIDs in Tab. 4):
     Linear  alpha = t,            sigma = 1 - t
     GVP     alpha = sin(pi t / 2), sigma = cos(pi t / 2)
     VP      alpha = exp(m(t)), sigma = sqrt(1 - alpha^2), m(t) = -(1-t)^2 (smax - smin) / 4 - (1-t) smin / 2,
             smin = 0.1, smax = 20 (the VP SDE of Song et al., beta(s) = smin + s (smax - smin), s = 1 - t)
-Targets (Sec. 3.2): velocity u_t = dalpha x1 + dsigma x0 (Eq. 3); score s = -x0 / sigma_t; noise x0.
+Targets (Sec. 2.2): velocity u_t = dalpha x1 + dsigma x0 (Eq. 7); score s = -x0 / sigma_t (Eq. 6); noise x0.
 Probability-flow drift v = -f + g s with f = -(dalpha/alpha) x and g = (dalpha/alpha) sigma^2 - sigma dsigma
 (VP: f = -beta x / 2, g = beta / 2). SDE (Eq. 4): dX = [v + D(t) s] dt + sqrt(2 D(t)) dW, D = w_t / 2.
 
 What is inside: class Transport with
-    loss(model, x, y, t=None, noise=None)  per-sample regression loss (Sec. 3.2; weights Tab. 3)
+    loss(model, x, y, t=None, noise=None)  per-sample regression loss (Sec. 2.2, Eqs. 6-7)
     sample(model, z, y, method='ode'|'sde', solver=..., num_steps=...)  Euler / Heun / adaptive dopri5 ODE;
                                            Euler-Maruyama / Heun SDE with the last-step options
     out_channels(C) = C (an official learn_sigma checkpoint has 2C outputs: the extra half is ignored)
@@ -229,8 +229,9 @@ class Transport:
     # --- training -----------------------------------------------------------------------------------
 
     def loss(self, model, x, y, t=None, noise=None, model_kwargs=None):
-        """Per-sample loss (Sec. 3.2): velocity ||v - u_t||^2; score ||sigma s + x0||^2; noise ||eps - x0||^2,
-        the last two optionally weighted by (g / sigma)^2 ('velocity') or g / sigma^2 ('likelihood'), Tab. 3."""
+        """Per-sample loss (Sec. 2.2, Eqs. 6-7): velocity ||v - u_t||^2; score ||sigma s + x0||^2; noise ||eps - x0||^2,
+        the last two optionally weighted by (g / sigma)^2 ('velocity') or g / sigma^2 ('likelihood') as the
+        official code does."""
         x1 = x
         if t is None:
             t0, t1 = self.interval(self.train_eps)
@@ -241,7 +242,7 @@ class Transport:
         x_t = alpha * x1 + sigma * x0                                  # Eq. 1 (code time)
         out = first_channels(model(x_t, self.model_t(t), y, **(model_kwargs or {})), x1.shape[1])
         if self.prediction == "velocity":
-            return dict(loss=mean_flat((out - (dalpha * x1 + dsigma * x0)) ** 2))   # Eq. 3
+            return dict(loss=mean_flat((out - (dalpha * x1 + dsigma * x0)) ** 2))   # Eq. 7
         g = self.drift_coeffs(te)[1]
         w = {None: 1.0, "velocity": (g / sigma) ** 2, "likelihood": g / sigma ** 2}[self.loss_weight]
         target = out * sigma + x0 if self.prediction == "score" else out - x0

@@ -7,7 +7,7 @@ Train any backbone (dit, unet_vit, mdt, diffit) with any objective (ddpm, sit).
 
 Reads top to bottom: arguments -> setup (device, DDP, seeds) -> data -> model + objective -> loop.
 The loop: draw a global batch, compute the objective's per-sample loss (plus, for backbones that train
-with masking, the same loss on the masked input, MDT Sec. 3.3), AdamW step, EMA update, log, sample
+with masking, the same loss on the masked input, MDT Sec. 4.4), AdamW step, EMA update, log, sample
 grids, checkpoints. Checkpoints are plain data (tensors, numbers, strings) written atomically.
 """
 import argparse
@@ -942,7 +942,7 @@ def main(argv=None):
         with amp:
             terms = objective.loss(train_model, x, y, t=t, noise=noise)
             loss = terms["loss"].mean()
-            if masked:   # MDT Sec. 3.3: the same loss on the masked input (same x and t, fresh noise), weight 1:1
+            if masked:   # MDT Sec. 4.4: the same loss on the masked input (same x and t, fresh noise), weight 1:1
                 terms_m = objective.loss(train_model, x, y, t=t, noise=noise_m, model_kwargs=dict(mask_ratio=args.mask_ratio))
                 loss = loss + terms_m["loss"].mean()
         loss.backward()
