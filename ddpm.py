@@ -16,7 +16,8 @@ plus `timestep_offset` (1 for U-ViT's 1-indexed checkpoints). Guidance schedules
 (tau near 1 is pure noise: t = T-1 gives 0.999).
 
 What is inside: one class, GaussianDiffusion, with
-    loss(model, x, y, t=None, noise=None)   per-sample L_hybrid = L_simple + L_vlb (iDDPM Sec. 3.1)
+    loss(model, x, y, t=None, noise=None)   per-sample L_hybrid = L_simple + L_vlb (iDDPM Sec. 3.1); note the
+                                            order: labels y third, t a keyword (ADM's training_losses(model, x, t))
     sample(model, z, y, steps, sampler)     'ddpm' (ancestral, learned variance), 'ddim', 'dpm++' (2M)
     out_channels(C)                         2C with learned sigma (eps and the variance interpolant v)
 plus the small helpers it needs (schedules, respacing, KL, discretized Gaussian likelihood, guidance).
@@ -39,6 +40,8 @@ Deviations from the official code (numbers are equal; see test_all.py for the go
       1 - abar_prev - sigma^2 at 0: at eta = 1 it is 0 up to float rounding, and a rounding below 0 made the
       official sample NaN (e.g. 2 respaced steps of the cosine schedule).
     - The min(SNR, 5)/SNR weight of MDTv2 on the MSE term is an option (mse_weight='min_snr_5').
+    - Model outputs are taken in float32 (a bf16 output is upcast). Float32 runs equal the official ones
+      bitwise; float64 inputs are not kept in float64 (the official code keeps them: the two differ by ~1e-7).
 """
 import math
 import warnings
@@ -76,6 +79,12 @@ def space_timesteps(num_timesteps, steps):
     """Which original timesteps a respaced chain keeps (iDDPM Sec. 4, ADM's single-section rule).
     steps: int or "N" -> N values from 0 to T-1 with a fractional stride, rounded with Python's round;
     "ddimN" -> the integer stride giving exactly N steps, starting at 0."""
+    body = (steps[4:] if steps.startswith("ddim") else steps) if isinstance(steps, str) else None
+    if body is not None and not body.isdigit():
+        raise ValueError(f"steps must be an integer N or a string 'N' or 'ddimN', got {steps!r} (ADM's "
+                         "comma-separated sections are not supported)")
+    if body is None and int(steps) != steps:
+        raise ValueError(f"steps must be a whole number, got {steps!r}")
     if isinstance(steps, str) and steps.startswith("ddim"):
         n = int(steps[4:])
         for stride in range(1, num_timesteps):

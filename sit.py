@@ -69,6 +69,8 @@ Deviations from the official code (the numbers of a sampler or loss are otherwis
       shrinking the step until it underflows).
     - Guidance on all channels by default; cfg_channels=3 reproduces the official quirk.
     - No likelihood evaluation (the official sample_ode_likelihood) yet.
+    - Model outputs and times are taken in float32 (a bf16 output is upcast). Float32 runs equal the official
+      ones bitwise; float64 inputs are not kept in float64 (the official keeps most of its terms in float64).
 """
 import math
 import warnings
@@ -329,6 +331,7 @@ class Transport:
                              f"{last_step_size} leaves no interval")
         # Heun's corrector at t = 1 (last_step=None) meets the score, singular there (sigma = 0), times D(1)
         D1 = self.diffusion(torch.tensor(t1), diffusion_form, diffusion_norm).item() if t1 >= 1.0 else 0.0
+        sigma1 = self.alpha_sigma(torch.tensor(t1))[2].item()     # 0 for Linear at t = 1: its score is infinite
         ts = torch.linspace(t0, t1, num_steps)
         dt = (ts[1] - ts[0]).item()
 
@@ -348,9 +351,10 @@ class Transport:
                 k1 = sde_drift(xhat, t)
                 # last_step=None ends at t = 1, where the score is singular: Linear's is inf (the official gives
                 # NaN), GVP's finite but ~1e7, harmless only where D(1) vanishes (sigma, linear, SBDM forms; the
-                # official diverges for 'constant'). Otherwise that one step is an Euler step.
+                # official diverges for 'constant'). Otherwise that one step is an Euler step, and the corrector it
+                # would throw away is not evaluated (the isfinite check below is the safety net for other models).
                 at_one = i == num_steps - 2 and t1 >= 1.0
-                k2 = None if at_one and abs(D1) > 1e-6 else sde_drift(xhat + dt * k1, t + dt)
+                k2 = None if at_one and (abs(D1) > 1e-6 or sigma1 == 0) else sde_drift(xhat + dt * k1, t + dt)
                 if k2 is None or (at_one and not torch.isfinite(k2).all()):
                     x = xhat + dt * k1
                 else:

@@ -510,6 +510,11 @@ def test_ddpm_sampler_step_counts():
     calls.clear()                                     # the default 250 steps, or T where T < 250
     ddpm.GaussianDiffusion(num_timesteps=100).sample(counting, z, y)
     assert len(calls) == 100
+    # ADM's comma-separated sections were an int() error, 2.5 steps silently 2
+    for bad, msg in (("10,20", "sections are not supported"), ("ddimx", "'ddimN'"), (2.5, "whole number")):
+        with pytest.raises(ValueError, match=msg):
+            D.sample(counting, z, y, steps=bad)
+    assert ddpm.space_timesteps(1000, 10.0) == ddpm.space_timesteps(1000, "10")
 
 
 def test_the_scripts_sample_in_eval_mode(tmp_path):
@@ -1439,10 +1444,12 @@ def test_sit_sde_heun_without_last_step_stays_finite():
                           diffusion_norm=norm, last_step=None)
         assert heun.abs().max() < 5 and (heun - euler).abs().max() < 0.5, (form, heun.abs().max())
     # ... and that last Euler step does not evaluate the corrector it would throw away: 2 + 2 + 1 model calls
-    times = []
-    tr.sample(lambda x, t, y: times.append(float(t[0])) or field(x, t, y), z, y, method="sde", solver="heun",
-              num_steps=4, diffusion_form="constant", last_step=None)
-    assert len(times) == 5 and max(times) < 1, times
+    # (GVP 'constant'; Linear with the default 'sigma' form, whose score at t = 1 is infinite)
+    for tr, form in ((tr, "constant"), (sit.Transport("Linear", "velocity"), "sigma")):
+        times = []
+        tr.sample(lambda x, t, y: times.append(float(t[0])) or field(x, t, y), z, y, method="sde", solver="heun",
+                  num_steps=4, diffusion_form=form, last_step=None)
+        assert len(times) == 5 and max(times) < 1, (tr.path_type, times)
 
 
 def test_sit_refuses_grids_and_intervals_that_reach_a_singularity():
