@@ -45,8 +45,9 @@ Deviations from the official code (state-dict keys and outputs are the same; tes
       and those offsets are built once per forward for all blocks, not in each block.
     - The mask ratio is an argument of forward (mask_ratio None or 0: no masking; the official v2 built
       with mask_ratio 0 still masks, r in [0, 0.2)) instead of a constructor
-      argument + enable_mask; one ratio per batch r = mask_ratio + 0.2 U[0, 1) as in v2. The mask token
-      is always trainable (official: frozen when built for inference, which only matters for training).
+      argument + enable_mask; one ratio per batch r = mask_ratio + 0.2 U[0, 1) as in v2 (in float32, as the
+      official, so K = int(L (1 - r)) agrees for every draw), drawn from the CPU generator (official: on x's
+      device; ours needs no device sync). The mask token is always trainable (official: frozen when built for inference, which only matters for training).
     - A mask ratio that could leave no token visible raises a ValueError (official: a slice with
       int(L (1 - r)) <= 0 wraps around or keeps nothing, silently); so does a decode_layer the official
       arithmetic cannot build as asked (v2: depth - decode_layer odd or negative; v1: outside 1..depth).
@@ -282,9 +283,9 @@ def random_masking(x, ratio):
     dropped (ratio 0.3 of L = 256 drops 77). Returns kept tokens (N, K, D), mask (N, L) in x's dtype with
     1 = dropped, ids_restore (N, L), ids_keep (N, K)."""
     N, L, D = x.shape
-    keep = int(L * (1 - ratio))
+    keep = int(L * (1 - ratio))     # ratio: a float, or MDTv2's float32 (1,) CPU tensor (no device sync)
     if not 1 <= keep <= L:      # keep <= 0 would slice from the end (official: silently wrong)
-        raise ValueError(f"mask ratio {ratio} keeps int({L} (1 - ratio)) = {keep} of {L} tokens; need 1..{L}")
+        raise ValueError(f"mask ratio {float(ratio):g} keeps int({L} (1 - ratio)) = {keep} of {L} tokens; need 1..{L}")
     ids_shuffle = torch.argsort(torch.rand(N, L, device=x.device), dim=1)      # small noise = kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :keep]
@@ -367,7 +368,8 @@ class MDTv2(nn.Module):
         sync), then random_masking(x, r). Kept out of torch.compile: a compiled forward would bake each r into
         its graph and recompile every step; this way it sees index tensors whose length K is a dynamic size."""
         check_mask_ratio(self, mask_ratio, 0.2)
-        return random_masking(x, mask_ratio + 0.2 * torch.rand(1).item())
+        r = torch.rand(1) * 0.2 + mask_ratio           # float32 as the official (in float64, K differs for 83 of
+        return random_masking(x, r)                     # the 2^24 draws at L = 256)
 
     def forward(self, x, t, y, mask_ratio=None):
         check_input(self, x)
