@@ -184,7 +184,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Labels -> (N, D) with a null row (index num_classes); labels dropped to null in training mode."""
+    """Labels -> (N, D), with a null row (index num_classes) when dropout_prob > 0; labels dropped to it in training."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
@@ -391,7 +391,7 @@ class DiffiTUNet(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------
 # Registry. DiffiT-XL/2 at 256px with 2C outputs: 561,330,144 parameters incl. the fixed position table
-# (561.04M trainable; Tab. 9 says 561M, which depth 28 gives, as the weights; the paper's text says 30 layers).
+# (561.04M trainable; Tab. 9's 561M is what depth 28 gives, as do the weights; the text says 30 layers).
 # ---------------------------------------------------------------------------------------------------
 
 DiffiT_models = {
@@ -411,7 +411,10 @@ if __name__ == "__main__":
     n = sum(p.numel() for p in m.parameters())
     print(f"DiffiT-XL/2: {n:,} parameters ({n - m.pos_embed.numel():,} trainable); "
           f"DiffiT-CIFAR10: {sum(p.numel() for p in u.parameters()):,}")
+    assert n == 561_330_144, "not the released DiffiT-XL/2's parameter count"
     x = torch.randn(2, 1, 8, 8)
     for name in ("DiffiT-Tiny/2", "DiffiT-UNet-Tiny"):
         net = DiffiT_models[name](input_size=8, in_channels=1, out_channels=2, num_classes=10)
-        print(name, tuple(net(x, torch.tensor([1, 500]), torch.tensor([3, 10])).shape))
+        out = net(x, torch.tensor([1, 500]), torch.tensor([3, 10]))
+        print(name, tuple(out.shape))
+        assert out.shape == (2, 2, 8, 8)

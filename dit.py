@@ -117,7 +117,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> (N, D) with an extra null row (index num_classes) for classifier-free guidance.
+    """Class label -> (N, D), with an extra null row (index num_classes) for guidance when dropout_prob > 0.
     In training mode each label is replaced by the null label with probability dropout_prob."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):

@@ -147,7 +147,8 @@ def main(argv=None):
         old = None
         if os.path.isfile(meta_path) and not args.overwrite:
             try:                                   # an unfinished extraction to resume, checked whole
-                old = json.load(open(meta_path))
+                with open(meta_path) as f:
+                    old = json.load(f)
                 same = all(old.get(k) == meta[k] for k in ("num_images", "image_size", "vae", "data_path", "classes"))
                 for name, shape in (("moments.npy", (N, 2, 2 * C, h, h)), ("labels.npy", (N,))):
                     if same and np.load(os.path.join(args.out, name), mmap_mode="r").shape != shape:
@@ -182,7 +183,8 @@ def main(argv=None):
             except OSError as e:
                 raise UserError(f"--out {args.out}: cannot write the latent files ({e.strerror or e})")
     barrier()
-    meta = json.load(open(meta_path))
+    with open(meta_path) as f:
+        meta = json.load(f)
     moments = np.load(os.path.join(args.out, "moments.npy"), mmap_mode="r+")
     labels = np.load(os.path.join(args.out, "labels.npy"), mmap_mode="r+")
 

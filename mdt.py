@@ -44,10 +44,11 @@ Deviations from the official code (state-dict keys and outputs are the same; tes
     - The masked bias is one embedding lookup of the kept pairs' table offsets instead of repeat + two gathers,
       and those offsets are built once per forward for all blocks, not in each block.
     - The mask ratio is an argument of forward (mask_ratio None or 0: no masking; the official v2 built
-      with mask_ratio 0 still masks, r in [0, 0.2)) instead of a constructor
-      argument + enable_mask; one ratio per batch r = mask_ratio + 0.2 U[0, 1) as in v2 (in float32, as the
-      official, so K = int(L (1 - r)) agrees for every draw), drawn from the CPU generator (official: on x's
-      device; ours needs no device sync). The mask token is always trainable (official: frozen when built for inference, which only matters for training).
+      with mask_ratio 0 still masks, r in [0, 0.2)) instead of a constructor argument + enable_mask; one
+      ratio per batch r = mask_ratio + 0.2 U[0, 1) as in v2 (in float32, as the official, so K = int(L (1 - r))
+      agrees for every draw), drawn from the CPU generator (official: on x's device; ours needs no device
+      sync). The mask token is always trainable (official: frozen when built for inference, which only
+      matters for training).
     - A mask ratio that could leave no token visible raises a ValueError (official: a slice with
       int(L (1 - r)) <= 0 wraps around or keeps nothing, silently); so does a decode_layer the official
       arithmetic cannot build as asked (v2: depth - decode_layer odd or negative; v1: outside 1..depth).
@@ -130,7 +131,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Labels -> (N, D) with a null row (index num_classes); labels dropped to null in training mode."""
+    """Labels -> (N, D), with a null row (index num_classes) when dropout_prob > 0; labels dropped to it in training."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
@@ -180,7 +181,8 @@ def attention_reference(q, k, v, bias):
 
 
 class Attention(nn.Module):
-    """Self-attention with relative position bias (Sec. 4.3, "Position-aware encoder and decoder"), through SDPA with an additive mask."""
+    """Self-attention with relative position bias (Sec. 4.3, "Position-aware encoder and decoder"), through
+    SDPA with the bias as an additive mask."""
 
     def __init__(self, dim, num_heads, grid):
         super().__init__()
@@ -471,7 +473,11 @@ if __name__ == "__main__":
     n = sum(p.numel() for p in m.parameters())
     side = sum(p.numel() for p in m.sideblocks.parameters()) + m.mask_token.numel()
     print(f"MDTv2-XL/2: {n:,} parameters, {n - side:,} used at inference")
+    assert (n, n - side) == (742_263_904, 718_342_176), "not the released checkpoint's parameter count"
     torch.manual_seed(0)
     m = MDT_models["MDTv2-Tiny/2"](input_size=8, in_channels=1, num_classes=10)
     x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 10, 100, 999]), torch.tensor([0, 1, 2, 10])
-    print("full:", tuple(m(x, t, y).shape), " masked (ratio 0.3):", tuple(m(x, t, y, mask_ratio=0.3).shape))
+    full, masked = m(x, t, y), m(x, t, y, mask_ratio=0.3)
+    print("full:", tuple(full.shape), " masked (ratio 0.3):", tuple(masked.shape),
+          " zero at init:", bool(full.abs().max() == 0))
+    assert full.shape == masked.shape == (4, 2, 8, 8) and full.abs().max() == 0, "adaLN-Zero: output must be 0 at init"

@@ -155,7 +155,7 @@ def recognise_official(sd, args, path):
         settings = dict(settings, cfg_scale=(1.7, 4.0))
     if args.objective and args.objective != obj["name"] and family != "dit":
         raise UserError(f"{path} is a {key} checkpoint; it samples with --objective {obj['name']}")
-    model_cfg = dict(family=family, size=args.size or size, input_size=grid * p, in_channels=in_ch, out_channels=out_ch,
+    model_cfg = dict(family=family, size=size, input_size=grid * p, in_channels=in_ch, out_channels=out_ch,
                      num_classes=n_cls, class_dropout_prob=0.1 if n_cls else 0.0, official=True, **extra)
     if family == "unet_vit" and n_cls and in_ch == 3:    # ImageNet-64 pixels (M/4, L/4): 1000 classes, no null row
         model_cfg["class_dropout_prob"] = 0.0
@@ -251,8 +251,6 @@ def main(argv=None):
                   "(--cfg-scale 1): ignored")
     args.class_dropout, args.model, args.objective = cfg["class_dropout_prob"], cfg["family"], obj_name
     args = train.resolve_args(args, "digits" if kind == "digits" else "official")
-    if args.batch_size <= 0:
-        raise UserError("--batch-size must be positive")
     if args.cfg_channels is not None and args.cfg_channels > C and args.cfg_scale != 1.0:   # (ignored when off)
         raise UserError(f"--cfg-channels {args.cfg_channels} is more than the model's {C} channels")
     n = args.num_samples if args.num_samples is not None else (len(args.class_labels) if args.class_labels

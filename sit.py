@@ -412,8 +412,8 @@ if __name__ == "__main__":
     for path in ("Linear", "GVP", "VP"):
         tr = Transport(path_type=path)
         a, da, s, ds = tr.alpha_sigma(torch.tensor(0.3))
-        f, g = tr.drift_coeffs(torch.tensor(0.3))
-        print(f"{path:6s} t=0.3: alpha {a:.6f} dalpha {da:.6f} sigma {s:.6f} dsigma {ds:.6f} f {-f:.4f} g {g:.4f}")
+        fa, g = tr.drift_coeffs(torch.tensor(0.3))                 # the forward drift is f = -fa x
+        print(f"{path:6s} t=0.3: alpha {a:.6f} dalpha {da:.6f} sigma {s:.6f} dsigma {ds:.6f} -a {-fa:.4f} g {g:.4f}")
     # a 1-D Gaussian toy: the exact velocity of N(0,1) -> N(2, 0.25) along the Linear path
     tr = Transport()
     mu, sd = 2.0, 0.5
@@ -432,3 +432,4 @@ if __name__ == "__main__":
                dict(method="sde", solver="euler", num_steps=250)]:
         x = tr.sample(Exact().eval(), z, y, **kw)
         print(f"{kw}: mean {x.mean():.3f} (2.0), std {x.std():.3f} (0.5), nfe {tr.nfe}")
+        assert abs(x.mean() - mu) < 0.03 and abs(x.std() - sd) < 0.03, "the sampler misses N(2, 0.5^2)"

@@ -2526,6 +2526,14 @@ def test_latent_pipeline_end_to_end(tmp_path, tiny_vae):
     assert json.load(open(tmp_path / "s.json"))["vae"] == vae_path
 
 
+@pytest.mark.parametrize("module", ["dit", "unet_vit", "mdt", "diffit", "ddpm", "sit"])
+def test_every_concept_file_self_check_passes(module):
+    """`python dit.py` (etc.) asserts what it prints: parameter counts, zero output at init, the golden hybrid
+    loss, the samplers' moments on an exact Gaussian field."""
+    r = run_cli(f"{module}.py", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_missing_diffusers_is_one_line(tmp_path):
     code = ("import sys; sys.modules['diffusers'] = None; sys.argv = ['x', '--data-path', %r, '--out', %r];"
             "import runpy; runpy.run_path(%r, run_name='__main__')") % (

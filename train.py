@@ -147,7 +147,7 @@ def get_parser():
     p.add_argument("--memory-budget", type=float, default=None, help="with --compile: the activation memory kept for "
                    "backward, in (0, 1]: near 0 recompute all it can, 1 keep what runs fastest (the default); torch's "
                    "activation_memory_budget: the compiler recomputes the cheapest ops first; same math")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory; dit and unet_vit)")
     p.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
     p.add_argument("--log-every", type=int, default=None, help="log every N steps (default: 100)")
     p.add_argument("--sample-every", type=int, default=None, help="write an EMA sample grid every N steps, 0 = never (default: 500 digits, 10000 otherwise)")
@@ -562,7 +562,8 @@ def load_data(args):
         if args.image_size is not None:
             raise fixed_size
         try:
-            meta = json.load(open(meta_path))
+            with open(meta_path) as f:
+                meta = json.load(f)
         except (OSError, ValueError) as e:
             raise UserError(f"--data {args.data}: cannot read meta.json ({e}); re-run extract_latents.py")
         if not isinstance(meta, dict) or meta.get("format") != "moments-v1":

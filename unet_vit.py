@@ -231,7 +231,10 @@ if __name__ == "__main__":
     for name, kw in [("U-ViT-H/2", dict(input_size=32)), ("U-ViT-L/2", dict(input_size=32))]:
         with torch.device("meta"):
             m = UViT_models[name](**kw)
-        print(f"{name}: {sum(p.numel() for p in m.parameters()):,} parameters on 32x32x4 latents")
+        n = sum(p.numel() for p in m.parameters())
+        print(f"{name}: {n:,} parameters on 32x32x4 latents")
+        assert n == {"U-ViT-H/2": 500_832_016, "U-ViT-L/2": 286_763_172}[name], "not the released model's count"
     m = UViT_models["U-ViT-Tiny/2"](input_size=8, in_channels=1, num_classes=10, out_channels=2).eval()
     out = m(torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 1000]), torch.tensor([0, 5, 10]))
     print("U-ViT-Tiny/2 on (3, 1, 8, 8) ->", tuple(out.shape), f"({sum(p.numel() for p in m.parameters()):,} parameters)")
+    assert out.shape == (3, 2, 8, 8)
