@@ -34,7 +34,7 @@ Deviations from the official latent code (keys and outputs equal; checked locall
     - PatchEmbed returns contiguous tokens instead of a transposed view that every LayerNorm copies (same values).
     - No forward_with_cfg: the power-cosine guidance (w = 4.4 at 256px, scale_pow 4, 3 channels) and the
       constant 1.49 at 512px are the shared guidance flags of ddpm.py/sit.py.
-Choices for the image-space model (the paper leaves them open; fact-sheet recommendations, configurable):
+Choices for the image-space model (the paper leaves them open; ours, each a constructor argument):
     1. Blocks per level L = 4 at every level (App. H.1), `blocks` argument.
     2. Channels 128 at the first level, 256 after (App. I.1): CIFAR-10 (128, 256, 256) at 32/16/8,
        FFHQ-64 (128, 256, 256, 256) at 64/32/16/8; the last level is the bottleneck, run once.
@@ -140,6 +140,7 @@ class TMSA(nn.Module):
         N, L, C = x.shape                                                   # temb: (N, temb_dim)
         qkv = self.qkv(x)                                                   # Eqs. 3-5: (N, L, 3C)
         qkv = qkv + self.qkv_temb(temb).unsqueeze(1).to(qkv.dtype)   # qkv's dtype: bf16 under autocast (x is fp32)
+        # (N, L, 3C) -> (3, N, h, L, C/h): q, k, v per head; SDPA's output goes back to (N, L, C)
         q, k, v = qkv.reshape(N, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias().to(q.dtype))   # Eq. 6
         return self.proj(x.transpose(1, 2).reshape(N, L, C))
@@ -343,7 +344,7 @@ class DiffiTUNet(nn.Module):
         self.input_size, self.in_channels = input_size, in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
         # unconditional (num_classes 0): no labels to drop, so no null label and guidance is refused
-        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob if num_classes > 0 else 0.0
+        self.num_classes, self.class_dropout_prob = num_classes, (class_dropout_prob if num_classes > 0 else 0.0)
         self.freq_dim = channels[0]
         self.t_embedder = nn.Sequential(nn.Linear(self.freq_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         if num_classes > 0:

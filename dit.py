@@ -161,6 +161,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, T, D = x.shape
+        # (N, T, 3D) -> (3, N, h, T, D/h): q, k, v per head; SDPA's output goes back to (N, T, D)
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                          # each (N, heads, T, D/heads)
         x = F.scaled_dot_product_attention(q, k, v)      # == attention_reference(q, k, v)

@@ -195,6 +195,7 @@ class Attention(nn.Module):
 
     def forward(self, x, pairs=None):
         N, K, D = x.shape
+        # (N, K, 3D) -> (3, N, h, K, D/h): q, k, v per head; SDPA's output goes back to (N, K, D)
         q, k, v = self.qkv(x).reshape(N, K, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         bias = self.rel_pos_bias(pairs)                                        # (h, L, L) or (N, h, K, K)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # == attention_reference

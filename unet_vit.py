@@ -84,6 +84,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, L, D = x.shape
+        # (N, L, 3D) -> (3, N, h, L, D/h): q, k, v per head; SDPA's output goes back to (N, L, D)
         q, k, v = self.qkv(x).reshape(N, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v)          # (N, heads, L, D/heads)
         return self.proj(x.transpose(1, 2).reshape(N, L, D))
@@ -132,7 +133,7 @@ class UViT(nn.Module):
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels if out_channels is None else out_channels   # official: eps only
         # unconditional (num_classes 0): no labels to drop, so no null label and guidance is refused
-        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob if num_classes > 0 else 0.0
+        self.num_classes, self.class_dropout_prob = num_classes, (class_dropout_prob if num_classes > 0 else 0.0)
         self.embed_dim, self.grad_checkpointing = embed_dim, grad_checkpointing
 
         self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
