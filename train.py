@@ -755,6 +755,108 @@ def next_run_dir(results_dir, name):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The parts of main around the training math: resume, checks, the run folder, the random streams
+# ---------------------------------------------------------------------------------------------------
+
+def apply_resume_args(args, given, resume):
+    """The resumed run's own settings replace the defaults, not the flags given again on this command line."""
+    if not isinstance(resume.get("args"), dict) or not {"model", "ema", "opt", "step", "rng", "config"} <= set(resume):
+        raise UserError(f"--resume {args.resume}: not a training checkpoint of this library "
+                        "(official weights are sampled with sample.py --ckpt)")
+    saved = resume["args"]
+    for k, v in saved.items():
+        if k not in given and k != "resume":
+            setattr(args, k, v)
+    for k, v in (("betas", tuple(resume["opt"]["param_groups"][0].get("betas", (0.9, 0.999)))), ("warmup_steps", 0)):
+        if k not in saved and k not in given:    # checkpoints written before these flags existed
+            setattr(args, k, v)
+    check_same_network(args, given, resume["config"])
+
+
+def check_data_fits(args, model_cfg, data, resume):
+    """The model (a resumed checkpoint's, or the one about to be built) takes this data: shape, classes, names."""
+    C, H = data["shape"]
+    if args.cfg_channels is not None and args.cfg_channels > C:
+        raise UserError(f"--cfg-channels {args.cfg_channels} is more than the data's {C} channels")
+    if (model_cfg["input_size"], model_cfg["in_channels"]) != (H, C):
+        raise UserError(f"the checkpoint's model takes {model_cfg['in_channels']}x{model_cfg['input_size']}^2 "
+                        f"inputs but --data gives {C}x{H}^2")
+    if model_cfg["num_classes"] != data["num_classes"]:
+        raise UserError(f"the checkpoint's model has {model_cfg['num_classes']} classes but --data {args.data} "
+                        f"has {data['num_classes']}")
+    if resume:   # same count, other names: the labels would mean other classes (latents keep theirs in meta)
+        names = lambda d: d.get("classes") or (d.get("meta") or {}).get("classes")
+        ours, theirs = names(data), names(resume["config"].get("data", {}))
+        if ours and theirs and list(ours) != list(theirs):
+            diff = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+            if diff is None:   # one list is a prefix of the other
+                raise UserError(f"--data {args.data} names {len(ours)} classes, the checkpoint {len(theirs)}")
+            raise UserError(f"--data {args.data}: class {diff} is {ours[diff]!r}, the checkpoint's is {theirs[diff]!r}")
+
+
+def restore_state(resume, model, ema, opt, data_gen, args, rank, world, device):
+    """Weights, optimizer state and random streams of a checkpoint; returns (step, nonfinite)."""
+    load_weights(model, resume["model"], "--resume model")
+    load_weights(ema, resume["ema"], "--resume ema")
+    opt.load_state_dict(resume["opt"])
+    for g in opt.param_groups:
+        g.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    step, nonfinite = resume["step"], resume.get("nonfinite", 0)
+    if resume["rng"]["data"].numel() == data_gen.get_state().numel():
+        data_gen.set_state(resume["rng"]["data"])
+        states = resume["rng"]["torch"]
+        if len(states) == world and device.type == "cuda":   # same layout: each rank continues its own stream
+            torch.cuda.set_rng_state(states[rank], device)
+        elif len(states) == world:
+            torch.set_rng_state(states[rank])
+        cpu_states = resume["rng"].get("cpu")                # a GPU run's CPU stream (MDTv2's mask ratio)
+        if cpu_states is not None and len(cpu_states) == world:
+            torch.set_rng_state(cpu_states[rank])
+    else:   # trained on another device type: a CUDA generator's state (16 bytes) does not fit a CPU one (5056)
+        data_gen.manual_seed(args.seed * 1_000_003 + step)           # new streams, not the run's first ones again
+        torch.manual_seed((args.seed * world + rank) * 1_000_003 + step)
+        if rank == 0:
+            print(f"warning: the checkpoint was trained on another device type than {device.type}, whose random "
+                  "streams cannot continue here: this run draws new ones (not bit-exact from here on)")
+    return step, nonfinite
+
+
+def gather_rngs(data_gen, ddp, world, device):
+    """The random streams a checkpoint keeps: the shared data generator and every rank's model-side stream."""
+    rng = dict(data=data_gen.get_state(), torch=gather_rng(ddp, world, device))
+    if device.type == "cuda":      # the CPU generator is a stream too: MDTv2 draws its mask ratio on it
+        rng["cpu"] = gather_rng(ddp, world, device, torch.get_rng_state())
+    return rng
+
+
+def open_run_dir(args, resume, step, size):
+    """(run_dir, note), on rank 0. A resumed run continues in the run the --resume path names, unless that run
+    holds checkpoints past the resumed step (or the file is not in a RUN/checkpoints/ folder): then in a new run
+    folder, so no checkpoint is overwritten."""
+    run_dir, note = None, ""
+    src = resume_source(args.resume) if resume else None
+    parent = os.path.dirname(src) if src else args.results_dir
+    try:
+        if src and not run_is_ahead(src, step):
+            run_dir = src
+        else:
+            run_dir = next_run_dir(parent, f"{args.model}-{size.replace('/', '_')}-{args.objective}")
+            if resume:
+                note = (f" of {src}, in a new run folder ({src} has checkpoints past step {step})" if src else
+                        f" from {args.resume}, in a new run folder (the file is not in a RUN/checkpoints/ folder)")
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        for f in os.listdir(os.path.join(run_dir, "checkpoints")):   # left by a run killed while saving
+            if re.fullmatch(r".+\.pt\.tmp\d+", f):
+                os.remove(os.path.join(run_dir, "checkpoints", f))
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    except OSError as e:
+        raise UserError(f"cannot write a run folder in {run_dir or parent}: {e.strerror or e}")
+    return run_dir, note
+
+
+# ---------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------
 
@@ -763,17 +865,7 @@ def main(argv=None):
     given = given_flags(get_parser(), argv)
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:
-        if not isinstance(resume.get("args"), dict) or not {"model", "ema", "opt", "step", "rng", "config"} <= set(resume):
-            raise UserError(f"--resume {args.resume}: not a training checkpoint of this library "
-                            "(official weights are sampled with sample.py --ckpt)")
-        saved = resume["args"]                       # the run's own settings win over the defaults ...
-        for k, v in saved.items():
-            if k not in given and k != "resume":
-                setattr(args, k, v)                  # ... unless set again on this command line
-        for k, v in (("betas", tuple(resume["opt"]["param_groups"][0].get("betas", (0.9, 0.999)))), ("warmup_steps", 0)):
-            if k not in saved and k not in given:    # checkpoints written before these flags existed
-                setattr(args, k, v)
-        check_same_network(args, given, resume["config"])
+        apply_resume_args(args, given, resume)
     data_preset = "digits" if args.data == "digits" else "official"
     args = resolve_args(args, data_preset)
     if resume and args.steps <= resume["step"]:
@@ -807,22 +899,7 @@ def main(argv=None):
     model_cfg = resume["config"]["model"] if resume else dict(
         family=args.model, size=size, input_size=H, in_channels=C, out_channels=objective.out_channels(C),
         num_classes=data["num_classes"], class_dropout_prob=args.class_dropout)
-    if args.cfg_channels is not None and args.cfg_channels > C:
-        raise UserError(f"--cfg-channels {args.cfg_channels} is more than the data's {C} channels")
-    if (model_cfg["input_size"], model_cfg["in_channels"]) != (H, C):
-        raise UserError(f"the checkpoint's model takes {model_cfg['in_channels']}x{model_cfg['input_size']}^2 "
-                        f"inputs but --data gives {C}x{H}^2")
-    if model_cfg["num_classes"] != data["num_classes"]:
-        raise UserError(f"the checkpoint's model has {model_cfg['num_classes']} classes but --data {args.data} "
-                        f"has {data['num_classes']}")
-    if resume:   # same count, other names: the labels would mean other classes (latents keep theirs in meta)
-        names = lambda d: d.get("classes") or (d.get("meta") or {}).get("classes")
-        ours, theirs = names(data), names(resume["config"].get("data", {}))
-        if ours and theirs and list(ours) != list(theirs):
-            diff = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-            if diff is None:   # one list is a prefix of the other
-                raise UserError(f"--data {args.data} names {len(ours)} classes, the checkpoint {len(theirs)}")
-            raise UserError(f"--data {args.data}: class {diff} is {ours[diff]!r}, the checkpoint's is {theirs[diff]!r}")
+    check_data_fits(args, model_cfg, data, resume)
     size = model_cfg["size"]
     model = build_model(model_cfg)
     if args.grad_checkpointing and hasattr(model, "grad_checkpointing"):
@@ -840,28 +917,7 @@ def main(argv=None):
     step, nonfinite = 0, 0
     data_gen = torch.Generator(device).manual_seed(args.seed)  # shared by all ranks: t, noise, flips
     if resume:
-        load_weights(model, resume["model"], "--resume model")
-        load_weights(ema, resume["ema"], "--resume ema")
-        opt.load_state_dict(resume["opt"])
-        for g in opt.param_groups:
-            g.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
-        step, nonfinite = resume["step"], resume.get("nonfinite", 0)
-        if resume["rng"]["data"].numel() == data_gen.get_state().numel():
-            data_gen.set_state(resume["rng"]["data"])
-            states = resume["rng"]["torch"]
-            if len(states) == world and device.type == "cuda":   # same layout: each rank continues its own stream
-                torch.cuda.set_rng_state(states[rank], device)
-            elif len(states) == world:
-                torch.set_rng_state(states[rank])
-            cpu_states = resume["rng"].get("cpu")                # a GPU run's CPU stream (MDTv2's mask ratio)
-            if cpu_states is not None and len(cpu_states) == world:
-                torch.set_rng_state(cpu_states[rank])
-        else:   # trained on another device type: a CUDA generator's state (16 bytes) does not fit a CPU one (5056)
-            data_gen.manual_seed(args.seed * 1_000_003 + step)           # new streams, not the run's first ones again
-            torch.manual_seed((args.seed * world + rank) * 1_000_003 + step)
-            if rank == 0:
-                print(f"warning: the checkpoint was trained on another device type than {device.type}, whose random "
-                      "streams cannot continue here: this run draws new ones (not bit-exact from here on)")
+        step, nonfinite = restore_state(resume, model, ema, opt, data_gen, args, rank, world, device)
     masked = getattr(model, "trains_with_mask", False) and args.mask_ratio > 0
     if masked:
         require_mask_ratio(model, args.mask_ratio)
@@ -880,29 +936,9 @@ def main(argv=None):
         train_model = torch.compile(train_model)
 
     # --- run directory (rank 0 writes every file) --------------------------------------------------------
-    # A resumed run continues in the run the --resume path names, unless that run holds checkpoints past the resumed
-    # step (or the file is not in a RUN/checkpoints/ folder): then in a new run folder, so no checkpoint is overwritten.
-    run_dir, note = None, ""
+    run_dir = None
     if rank == 0:
-        src = resume_source(args.resume) if resume else None
-        parent = os.path.dirname(src) if src else args.results_dir
-        try:
-            if src and not run_is_ahead(src, step):
-                run_dir = src
-            else:
-                run_dir = next_run_dir(parent, f"{args.model}-{size.replace('/', '_')}-{args.objective}")
-                if resume:
-                    note = (f" of {src}, in a new run folder ({src} has checkpoints past step {step})" if src else
-                            f" from {args.resume}, in a new run folder (the file is not in a RUN/checkpoints/ folder)")
-            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-            os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-            for f in os.listdir(os.path.join(run_dir, "checkpoints")):   # left by a run killed while saving
-                if re.fullmatch(r".+\.pt\.tmp\d+", f):
-                    os.remove(os.path.join(run_dir, "checkpoints", f))
-            with open(os.path.join(run_dir, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=1)
-        except OSError as e:
-            raise UserError(f"cannot write a run folder in {run_dir or parent}: {e.strerror or e}")
+        run_dir, note = open_run_dir(args, resume, step, size)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"run {run_dir}: {size} ({n_params:,} parameters) + {args.objective} on {args.data} "
               f"({N} examples, {C}x{H}x{H}), {world} process(es) on {device.type}, {args.precision}"
@@ -927,14 +963,17 @@ def main(argv=None):
         epoch, b = divmod(step, steps_per_epoch)
         if epoch != perm_epoch:   # one permutation per epoch (of 1.28M ImageNet indices: ~20 ms of host time on our CPU)
             perm_epoch, perm = epoch, epoch_order(N, args.seed, epoch)
-        idx = perm[b * args.batch_size:(b + 1) * args.batch_size][rank * local_bs:(rank + 1) * local_bs]
-        t = draw_time(objective, args.batch_size, data_gen, device)[rank * local_bs:(rank + 1) * local_bs]
-        noise = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[rank * local_bs:(rank + 1) * local_bs]
-        flip = (torch.rand(args.batch_size, generator=data_gen, device=device) < 0.5)[rank * local_bs:(rank + 1) * local_bs]
-        eps = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[rank * local_bs:(rank + 1) * local_bs] \
-            if data["kind"] == "latents" else None
+        mine = slice(rank * local_bs, (rank + 1) * local_bs)             # this rank's part of the global batch
+        idx = perm[b * args.batch_size:(b + 1) * args.batch_size][mine]
+        t = draw_time(objective, args.batch_size, data_gen, device)[mine]
+        noise = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[mine]
+        flip = (torch.rand(args.batch_size, generator=data_gen, device=device) < 0.5)[mine]
+        if data["kind"] == "latents":   # the latent sample z = mean + std * eps of the stored moments
+            eps = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[mine]
+        else:
+            eps = None
         if masked:
-            noise_m = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[rank * local_bs:(rank + 1) * local_bs]
+            noise_m = torch.randn((args.batch_size, C, H, H), generator=data_gen, device=device)[mine]
         x, y = get_batch(data, idx, flip, eps, device)
         opt.zero_grad(set_to_none=True)   # free last step's grads before the forward (lower peak memory)
         if args.warmup_steps:   # U-ViT's linear warm-up: lr * min(s / warmup, 1) for the update after s updates
@@ -993,9 +1032,7 @@ def main(argv=None):
                          opt=opt.state_dict(), step=step, nonfinite=nonfinite, args=vars(args), run_dir=run_dir,
                          config=dict(model=model_cfg, objective=obj_cfg,
                                      data=dict(kind=data["kind"], classes=data.get("classes"), meta=data.get("meta"))),
-                         rng=dict(data=data_gen.get_state(), torch=gather_rng(ddp, world, device)))
-            if device.type == "cuda":      # the CPU generator is a stream too: MDTv2 draws its mask ratio on it
-                state["rng"]["cpu"] = gather_rng(ddp, world, device, torch.get_rng_state())
+                         rng=gather_rngs(data_gen, ddp, world, device))
             if rank == 0:
                 save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
                 if periodic:
