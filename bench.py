@@ -365,8 +365,7 @@ def main(argv=None):
 
 
 def write_json(path, env, results, quality):
-    with open(path, "w") as f:
-        json.dump(dict(env=env, results=results, quality=quality), f, indent=1)
+    train.write_json(path, dict(env=env, results=results, quality=quality))
 
 
 def quality_check(args, device):

@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from train import UserError, init_distributed, load_vae, to_8bit, warn_empty_classes
+from train import UserError, init_distributed, load_vae, to_8bit, warn_empty_classes, write_json
 
 SCALE_FACTOR = 0.18215
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -85,13 +85,6 @@ class Images(torch.utils.data.Dataset):
             return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 127.5 - 1.0, True
         except Exception:
             return torch.zeros(3, self.size, self.size), False
-
-
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def get_parser():
@@ -179,7 +172,7 @@ def main(argv=None):
                                           shape=(N,))[:] = -1
                 with open(os.path.join(args.out, "files.txt"), "w") as f:
                     f.write("\n".join(p for p, _ in items) + "\n")
-                write_json(meta, meta_path)
+                write_json(meta_path, meta)
             except OSError as e:
                 raise UserError(f"--out {args.out}: cannot write the latent files ({e.strerror or e})")
     barrier()
@@ -216,7 +209,7 @@ def main(argv=None):
         barrier()                                                           # every batch of round k is on disk
         if rank == 0:
             meta["num_done"] = min(N, batches[min(len(batches) - 1, (k + 1) * world - 1)] + B)
-            write_json(meta, meta_path)
+            write_json(meta_path, meta)
     if ddp:
         gathered = [None] * world
         dist.all_gather_object(gathered, (done, bad))
@@ -224,7 +217,7 @@ def main(argv=None):
     if rank == 0:
         meta["unreadable"] = sorted(set(meta.get("unreadable", []) + bad))
         meta["num_done"] = N
-        write_json(meta, meta_path)
+        write_json(meta_path, meta)
         dt = time.time() - t0
         print(f"wrote {N} rows to {args.out} ({done} encoded now, {done / max(dt, 1e-9):.1f} images/s on {world} "
               f"process(es)); {len(meta['unreadable'])} unreadable files marked with label -1")

@@ -150,8 +150,7 @@ def evaluate_all(args):
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    with open(args.json, "w") as f:
-        json.dump(dict(classifier_heldout_accuracy=acc_real, rows=rows), f, indent=1)
+    train.write_json(args.json, dict(classifier_heldout_accuracy=acc_real, rows=rows))
     return rows
 
 
@@ -186,8 +185,7 @@ def evaluate_samplers(args):
                          fd=round(r["fd"], 2), fd_floor=round(r["fd_floor"], 2), sample_s=round(r["sample_s"], 1)))
         print(json.dumps(rows[-1]), flush=True)
     print(f"judge held-out accuracy {acc_real:.4f}")
-    with open(args.json, "w") as f:
-        json.dump(dict(classifier_heldout_accuracy=acc_real, run=args.run, rows=rows), f, indent=1)
+    train.write_json(args.json, dict(classifier_heldout_accuracy=acc_real, run=args.run, rows=rows))
     return rows
 
 

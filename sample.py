@@ -11,7 +11,6 @@ with each paper's objective and sampling settings; for DiT-layout files --object
 if the file name says SiT, else ddpm). Latent samples are decoded with the SD VAE (needs `pip install diffusers`).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -336,7 +335,7 @@ def main(argv=None):
                         ("balanced" if args.balanced else "random"),
                         seed=args.seed, num_samples=n, vae=args.vae if kind == "latents" else None,
                         precision=args.precision, compile=args.compile)
-        train.write_atomic(os.path.splitext(out)[0] + ".json", lambda f: f.write(json.dumps(settings, indent=1).encode()))
+        train.write_json(os.path.splitext(out)[0] + ".json", settings)
         print(f"wrote {out}: arr_0 {arr.shape} uint8, " + (f"labels {tuple(y.shape)}" if n_cls else "no labels (unconditional)"))
     else:
         nrow, fmt = 10 if n_cls == 10 else max(1, int(math.sqrt(n))), "JPEG" if ext.lower() in (".jpg", ".jpeg") else "PNG"

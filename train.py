@@ -363,6 +363,10 @@ def write_atomic(path, write):
         raise
 
 
+def write_json(path, obj):
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
 def save_atomic(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f))
 
@@ -849,8 +853,7 @@ def open_run_dir(args, resume, step, size):
         for f in os.listdir(os.path.join(run_dir, "checkpoints")):   # left by a run killed while saving
             if re.fullmatch(r".+\.pt\.tmp\d+", f):
                 os.remove(os.path.join(run_dir, "checkpoints", f))
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        write_json(os.path.join(run_dir, "args.json"), vars(args))
     except OSError as e:
         raise UserError(f"cannot write a run folder in {run_dir or parent}: {e.strerror or e}")
     return run_dir, note
