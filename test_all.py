@@ -2639,6 +2639,27 @@ def test_sample_paper_settings_yield_to_flags_in_any_argparse_spelling():
     assert (args.sampler, args.sample_steps, args.cfg_scale, args.cfg_channels) == ("ddpm", 7, 2.0, 1)
 
 
+def test_sample_decodes_latents_with_the_scale_they_were_trained_with(tmp_path, monkeypatch, one_step_run):
+    """The VAE gets x / scale_factor of the training latents' meta (was the constant 0.18215 whatever the data);
+    official files, which carry no meta, use 0.18215."""
+    import sample
+    ck = torch.load(os.path.join(one_step_run, "checkpoints", "last.pt"), weights_only=True)
+    ck["config"]["data"]["kind"] = "latents"
+    ck["config"]["data"]["meta"] = dict(scale_factor=0.5)
+    torch.save(ck, tmp_path / "latent.pt")
+    z = torch.full((2, 1, 8, 8), 0.25)
+    monkeypatch.setattr(train, "sample_images", lambda *a, **k: z.clone())
+    seen = []
+
+    class FakeVAE:
+        def decode(self, x):
+            seen.append(x.clone())
+            return type("Out", (), {"sample": torch.zeros(x.shape[0], 3, 8, 8)})()
+    monkeypatch.setattr(train, "load_vae", lambda *a, **k: FakeVAE())
+    sample.main(["--ckpt", str(tmp_path / "latent.pt"), "--num-samples", "2", "--out", str(tmp_path / "s.npz")])
+    assert torch.allclose(seen[0], z / 0.5)
+
+
 def test_sample_checks_the_out_folder_and_the_vae_before_sampling(tmp_path, monkeypatch, one_step_run):
     import sample
     forbid(monkeypatch, (train, "sample_images"))
