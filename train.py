@@ -501,6 +501,11 @@ def load_vae(name, device, purpose):
         from diffusers.models import AutoencoderKL
     except ImportError:
         raise UserError(f"{purpose} needs diffusers: pip install diffusers")
+    except Exception as e:   # installed but broken against this torch (diffusers >= 0.41 on torch 2.5: torch.accelerator)
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"{purpose} needs diffusers, which fails to import with torch {torch.__version__} "
+                        f"({type(e).__name__}: {why}); install a release made for this torch (torch 2.5: "
+                        "pip install 'diffusers<0.41')")
     try:
         return AutoencoderKL.from_pretrained(name).to(device).eval()
     except Exception as e:
