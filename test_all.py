@@ -2687,8 +2687,8 @@ def test_sample_checks_the_out_folder_and_the_vae_before_sampling(tmp_path, monk
     ck = torch.load(os.path.join(one_step_run, "checkpoints", "last.pt"), weights_only=True)
     ck["config"]["data"]["kind"] = "latents"                 # as a run on latents: its samples go through the VAE
     torch.save(ck, tmp_path / "latent.pt")
-    from importlib.util import find_spec
-    with pytest.raises(train.UserError, match="cannot load the VAE" if find_spec("diffusers") else "needs diffusers"):
+    # a usable diffusers cannot load the folder; a missing or broken one (diffusers 0.41+ on torch 2.5) is named
+    with pytest.raises(train.UserError, match="cannot load the VAE|needs diffusers"):
         sample.main(["--ckpt", str(tmp_path / "latent.pt"), "--vae", str(tmp_path / "no_vae"),
                      "--out", str(tmp_path / "s.npz")])
 
