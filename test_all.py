@@ -1,10 +1,12 @@
 """Tests (CPU, a few minutes): python -m pytest -q test_all.py"""
+import argparse
 import copy
 import importlib
 import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import warnings
@@ -3606,3 +3608,113 @@ def test_quality_refuses_one_sample_and_zero_steps_before_training_its_judge(tmp
     run = train.main(TINY + ["--steps", "1", "--data", lat, "--size", "DiT-Tiny/2", "--results-dir", str(tmp_path / "r")])
     with pytest.raises(train.UserError, match="trained on latents, not the digits"):
         quality.main(["--run", run, "--samplers", "ddim:5", "--json", str(tmp_path / "q.json")])
+
+
+# ===================================================================================================
+# train.py's resume, run-folder and random-stream steps (one-line bugs in each survived the suite before)
+# ===================================================================================================
+
+TINY_RUN = ["--batch-size", "4", "--log-every", "1", "--sample-every", "0", "--no-progress", "--sample-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_step_ckpt(tmp_path_factory):
+    run = train.main(TINY_RUN + ["--steps", "1", "--results-dir", str(tmp_path_factory.mktemp("r"))])
+    return torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+
+
+def _restore_inputs(ck):
+    model = train.build_model(ck["config"]["model"])
+    opt = train.adamw([p for p in model.parameters() if p.requires_grad], torch.device("cpu"), lr=1e-3,
+                      betas=(0.9, 0.999), weight_decay=0.0)
+    return model, copy.deepcopy(model), opt, argparse.Namespace(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, seed=0)
+
+
+def test_a_gpu_checkpoint_restores_the_cpu_stream_too(one_step_ckpt, monkeypatch):
+    """A CUDA run's checkpoint also keeps the CPU generator (MDTv2 draws its mask ratio on it), and resume sets it;
+    gather_rngs saves it. CUDA's own set/get are stubbed: no GPU needed."""
+    ck = copy.deepcopy(one_step_ckpt)
+    cpu_state = torch.Generator().manual_seed(123).get_state()
+    ck["rng"]["cpu"] = [cpu_state]
+    set_cuda = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d=None: set_cuda.append(s))
+    model, ema, opt, args = _restore_inputs(ck)
+    torch.manual_seed(0)
+    train.restore_state(ck, model, ema, opt, torch.Generator(), args, 0, 1, torch.device("cuda"))
+    assert len(set_cuda) == 1 and torch.equal(torch.get_rng_state(), cpu_state)
+    monkeypatch.setattr(train, "gather_rng", lambda ddp, world, device, state=None: ["cuda" if state is None else state])
+    torch.manual_seed(7)
+    rng = train.gather_rngs(torch.Generator(), False, 1, torch.device("cuda"))
+    assert rng["torch"] == ["cuda"] and torch.equal(rng["cpu"][0], torch.get_rng_state())
+
+
+def test_another_device_type_checkpoint_gets_new_model_side_streams(one_step_ckpt):
+    """Streams that cannot continue (a CUDA state on a CPU) are reseeded with the step, not the run's first seed."""
+    ck = copy.deepcopy(one_step_ckpt)
+    cuda_like = torch.arange(16, dtype=torch.uint8)
+    ck["rng"] = dict(data=cuda_like, torch=[cuda_like])
+    model, ema, opt, args = _restore_inputs(ck)
+    train.restore_state(ck, model, ema, opt, torch.Generator(), args, 0, 1, torch.device("cpu"))
+    after = torch.get_rng_state()
+    torch.manual_seed(0)                               # what main seeds the model-side stream with at the start
+    assert not torch.equal(after, torch.get_rng_state())
+
+
+def test_resume_notes_say_why_a_new_folder(tmp_path, capsys):
+    run = train.main(TINY_RUN + ["--steps", "2", "--ckpt-every", "1", "--results-dir", str(tmp_path / "r")])
+    capsys.readouterr()
+    train.main(["--resume", os.path.join(run, "checkpoints", "0000001.pt"), "--no-progress"])
+    assert f"of {run}, in a new run folder ({run} has checkpoints past step 1)" in capsys.readouterr().out
+    shutil.copy(os.path.join(run, "checkpoints", "last.pt"), tmp_path / "w.pt")
+    train.main(["--resume", str(tmp_path / "w.pt"), "--steps", "3", "--no-progress", "--results-dir", str(tmp_path / "r2")])
+    assert "in a new run folder (the file is not in a RUN/checkpoints/ folder)" in capsys.readouterr().out
+
+
+def test_resume_of_a_moved_run_makes_its_new_run_beside_it(tmp_path):
+    """The new run goes next to the run --resume names, not into the results dir saved in the checkpoint."""
+    run = train.main(TINY_RUN + ["--steps", "2", "--ckpt-every", "1", "--results-dir", str(tmp_path / "r")])
+    (tmp_path / "moved").mkdir()
+    moved = tmp_path / "moved" / os.path.basename(run)
+    shutil.move(run, moved)
+    new = train.main(["--resume", str(moved / "checkpoints" / "0000001.pt"), "--no-progress"])
+    assert os.path.dirname(new) == str(tmp_path / "moved") and not os.path.exists(tmp_path / "r" / os.path.basename(new))
+
+
+def test_image_data_draws_t_noise_flip_and_nothing_else(tmp_path):
+    """Pixel data draws no latent eps from the shared generator (that would shift every later draw)."""
+    run = train.main(TINY_RUN + ["--steps", "2", "--results-dir", str(tmp_path)])
+    ck = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    objective = train.build_objective(ck["config"]["objective"])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        train.draw_time(objective, 4, g, torch.device("cpu"))
+        torch.randn((4, 1, 8, 8), generator=g)
+        torch.rand(4, generator=g)
+    assert torch.equal(ck["rng"]["data"], g.get_state())
+
+
+def test_torchrun_ranks_draw_their_own_masked_pass_noise(tmp_path):
+    """Rank r's masked-pass noise is its own rows of the global draw, not rank 0's on every rank (the 2 = 1
+    process test cannot see it: MDT's masks are drawn per rank)."""
+    wrapper = tmp_path / "wrap.py"
+    wrapper.write_text(
+        f"import os, sys, torch\nsys.path.insert(0, {HERE!r})\nimport ddpm, train\n"
+        "real = ddpm.GaussianDiffusion.loss\n"
+        "def loss(self, model, x, y, t=None, noise=None, model_kwargs=None):\n"
+        "    if model_kwargs:\n"
+        f"        torch.save(noise, os.path.join({str(tmp_path)!r}, 'nm%s.pt' % os.environ['RANK']))\n"
+        "    return real(self, model, x, y, t=t, noise=noise, model_kwargs=model_kwargs)\n"
+        "ddpm.GaussianDiffusion.loss = loss\n"
+        "train.main(sys.argv[1:])\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper),
+                        "--model", "mdt", *TINY_RUN, "--steps", "1", "--batch-size", "8", "--mask-ratio", "0.3",
+                        "--results-dir", str(tmp_path / "r")], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = torch.load(tmp_path / "nm0.pt", weights_only=True), torch.load(tmp_path / "nm1.pt", weights_only=True)
+    assert a.shape == b.shape == (4, 1, 8, 8) and not torch.equal(a, b)
+
+
+def test_train_refuses_cfg_channels_one_past_the_data(tmp_path):
+    with pytest.raises(train.UserError, match="--cfg-channels 2 is more than the data's 1 channels"):
+        train.main(TINY_RUN + ["--steps", "1", "--cfg-channels", "2", "--results-dir", str(tmp_path)])
