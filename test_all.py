@@ -2319,7 +2319,7 @@ def test_mdtv2_mask_ratio_is_drawn_in_float32_as_the_official(monkeypatch):
     """The official v2 computes r = 0.2 u + 0.3 and K = int(L (1 - r)) in float32; in float64 K differs for 83 of
     the 2^24 possible draws u at L = 256, e.g. u = 65537 / 2^24: float32 keeps 179 tokens, float64 178."""
     real_rand = torch.rand
-    monkeypatch.setattr(torch, "rand", lambda *s, **k: torch.tensor([65537 / 2 ** 24]) if s == (1,) else real_rand(*s, **k))
+    monkeypatch.setattr(torch, "rand", lambda *s, **k: torch.tensor([65537 / 2 ** 24], dtype=k.get("dtype")) if s == (1,) else real_rand(*s, **k))
     m = mdt.MDTv2(input_size=32, in_channels=1, num_classes=10, hidden_size=32, num_heads=2, depth=2, decode_layer=0)
     kept = m.draw_mask(torch.randn(2, 256, 32), 0.3)[0]
     assert kept.shape == (2, 179, 32)
