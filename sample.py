@@ -162,7 +162,7 @@ def recognise_official(sd, args, path):
         model_cfg["num_classes"] = n_cls + 1
     obj = dict(obj, learn_sigma=out_ch == 2 * in_ch) if obj["name"] == "ddpm" else obj
     print(f"{os.path.basename(path)}: official {key} weights read as {model_cfg['size']} at {grid * p}x{grid * p}x{in_ch}, "
-          f"{out_ch} outputs, {n_cls} classes; objective {obj['name']}")
+          f"{out_ch} outputs, {model_cfg['num_classes']} classes; objective {obj['name']}")
     return model_cfg, obj, settings
 
 

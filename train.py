@@ -499,7 +499,9 @@ def load_vae(name, device, purpose):
     diffusers or a bad --vae is a one-line error, given before any long work starts."""
     try:
         from diffusers.models import AutoencoderKL
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "diffusers":      # diffusers is there; something it imports is not
+            raise UserError(f"{purpose} needs diffusers, which fails to import: {e}")
         raise UserError(f"{purpose} needs diffusers: pip install diffusers")
     except Exception as e:   # installed but broken against this torch (diffusers >= 0.41 on torch 2.5: torch.accelerator)
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
