@@ -32,9 +32,8 @@ import time
 import numpy as np
 import torch
 
-from train import UserError, init_distributed, load_vae, to_8bit, warn_empty_classes, write_json
+from train import SD_VAE_SCALE, UserError, init_distributed, load_vae, to_8bit, warn_empty_classes, write_json
 
-SCALE_FACTOR = 0.18215
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
@@ -133,7 +132,7 @@ def main(argv=None):
         raise
     C = vae.config.latent_channels
     meta = dict(format="moments-v1", num_images=N, num_done=0, num_classes=len(classes), classes=classes,
-                image_size=args.image_size, latent_size=h, latent_channels=C, scale_factor=SCALE_FACTOR,
+                image_size=args.image_size, latent_size=h, latent_channels=C, scale_factor=SD_VAE_SCALE,
                 vae=args.vae, data_path=os.path.abspath(args.data_path), unreadable=[],
                 flips="both orientations stored: [:, 1] holds the moments of the horizontally flipped image")
     if rank == 0:

@@ -71,7 +71,6 @@ OFFICIAL = {
     "DiffiT-256": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(4.4, 4.4), cfg_channels=3, scale_pow=4.0)),
     "DiffiT-512": (DDPM_LINEAR, dict(sampler="ddpm", sample_steps=250, cfg_scale=(1.49, 4.0), cfg_channels=3)),
 }
-LATENT_SCALE = 0.18215   # SD-VAE latents x this = the official models' inputs (DiT, SiT, U-ViT, MDT, DiffiT)
 GUIDANCE = ("cfg_scale", "cfg_channels", "scale_pow")   # the settings above that need a null label
 
 
@@ -198,7 +197,7 @@ def read_checkpoint(args):
         meta = ckpt["config"]["data"].get("meta") or {}
         if args.vae is None and meta.get("vae"):
             args.vae = meta["vae"]
-        args.latent_scale = meta.get("scale_factor", LATENT_SCALE)     # what the training latents were scaled by
+        args.latent_scale = meta.get("scale_factor", train.SD_VAE_SCALE)     # what the training latents were scaled by
         for flag, ours in (("size", model_cfg["size"]), ("objective", obj_cfg["name"])):
             if getattr(args, flag) not in (None, ours):
                 raise UserError(f"--{flag} {getattr(args, flag)}: that flag is for official files; this checkpoint is "
@@ -213,7 +212,7 @@ def read_checkpoint(args):
             raise UserError(f"{args.ckpt}: not a state dict this library recognises ({type(e).__name__}: {e})")
         model_cfg["paper_settings"] = settings
         kind = "latents" if model_cfg["in_channels"] == 4 else "images"
-        args.latent_scale = LATENT_SCALE
+        args.latent_scale = train.SD_VAE_SCALE
     return weights, model_cfg, obj_cfg, kind
 
 

@@ -494,6 +494,9 @@ def to_8bit(im):
     return im
 
 
+SD_VAE_SCALE = 0.18215   # SD-VAE latents x this = the official models' inputs (DiT, SiT, U-ViT, MDT, DiffiT)
+
+
 def load_vae(name, device, purpose):
     """The SD VAE (diffusers AutoencoderKL, imported only here) for extract_latents.py and sample.py; a missing
     diffusers or a bad --vae is a one-line error, given before any long work starts."""
