@@ -285,33 +285,48 @@ class Transport:
         default), linear, decreasing, increasing-decreasing; last_step: 'Mean', 'Tweedie', 'Euler' or None."""
         warn_if_training(model)
         self.nfe = 0
-        guide = dict(cfg_channels=cfg_channels, model_kwargs=model_kwargs)
-
-        def field(x, t, need_score=False):
-            w = guidance_weight(cfg_scale, 1.0 - float(t), scale_pow, guidance_interval)
-            return self.velocity_and_score(model, x, t, y, w, need_score=need_score, **guide)
-
+        guide = dict(cfg_scale=cfg_scale, cfg_channels=cfg_channels, scale_pow=scale_pow,
+                     guidance_interval=guidance_interval, model_kwargs=model_kwargs)
         if method == "ode":
-            t0, t1 = self.interval(self.sample_eps)
-            if solver == "dopri5":
-                return self.dopri5(lambda x, t: field(x, t)[0], z, t0, t1, atol, rtol)
-            if solver not in ("euler", "heun"):
-                raise ValueError(f"unknown ODE solver {solver!r} (euler, heun, dopri5)")
-            if num_steps < 2:
-                raise ValueError(f"num_steps must be >= 2 for the ODE (the grid has num_steps points), got {num_steps}")
-            ts = torch.linspace(t0, t1, num_steps)
-            x = z
-            for i in tqdm(range(num_steps - 1), disable=not progress, desc=f"ode-{solver}"):
-                t, dt = ts[i].item(), (ts[i + 1] - ts[i]).item()
-                k1 = field(x, t)[0]
-                if solver == "euler":
-                    x = x + dt * k1
-                else:                                              # Heun: trapezoid with an Euler predictor
-                    x = x + 0.5 * dt * (k1 + field(x + dt * k1, ts[i + 1].item())[0])
-            return x
+            return self.sample_ode(model, z, y, guide, solver, num_steps, atol, rtol, progress)
+        if method == "sde":
+            return self.sample_sde(model, z, y, guide, solver, num_steps, diffusion_form, diffusion_norm, last_step,
+                                   last_step_size, progress)
+        raise ValueError(f"unknown method {method!r} (ode, sde)")
 
-        if method != "sde":
-            raise ValueError(f"unknown method {method!r} (ode, sde)")
+    def field(self, model, x, t, y, guide, need_score=False):
+        """The (guided) velocity at time t, and the score if needed; guide: the guidance arguments of sample()."""
+        w = guidance_weight(guide["cfg_scale"], 1.0 - float(t), guide["scale_pow"], guide["guidance_interval"])
+        return self.velocity_and_score(model, x, t, y, w, guide["cfg_channels"], guide["model_kwargs"], need_score)
+
+    def sample_ode(self, model, z, y, guide, solver, num_steps, atol, rtol, progress):
+        """The probability-flow ODE dx = v(x, t) dt from t0 to t1 (the official sample_ode)."""
+        t0, t1 = self.interval(self.sample_eps)
+        if solver == "dopri5":
+            return self.dopri5(lambda x, t: self.field(model, x, t, y, guide)[0], z, t0, t1, atol, rtol)
+        if solver not in ("euler", "heun"):
+            raise ValueError(f"unknown ODE solver {solver!r} (euler, heun, dopri5)")
+        if num_steps < 2:
+            raise ValueError(f"num_steps must be >= 2 for the ODE (the grid has num_steps points), got {num_steps}")
+        ts = torch.linspace(t0, t1, num_steps)
+        x = z
+        for i in tqdm(range(num_steps - 1), disable=not progress, desc=f"ode-{solver}"):
+            t, dt = ts[i].item(), (ts[i + 1] - ts[i]).item()
+            k1 = self.field(model, x, t, y, guide)[0]
+            if solver == "euler":
+                x = x + dt * k1
+            else:                                                  # Heun: trapezoid with an Euler predictor
+                x = x + 0.5 * dt * (k1 + self.field(model, x + dt * k1, ts[i + 1].item(), y, guide)[0])
+        return x
+
+    def sde_drift(self, model, x, t, y, guide, diffusion_form, diffusion_norm):
+        """The reverse SDE's drift v + D s (Eq. 4), D = the diffusion coefficient w(t) of diffusion_form."""
+        v, s = self.field(model, x, t, y, guide, need_score=True)
+        return v + self.diffusion(torch.tensor(t), diffusion_form, diffusion_norm).item() * s
+
+    def sample_sde(self, model, z, y, guide, solver, num_steps, diffusion_form, diffusion_norm, last_step,
+                   last_step_size, progress):
+        """dx = (v + D s) dt + sqrt(2 D) dW from t0 to t1, then a noise-free last step (the official sample_sde)."""
         if solver not in ("euler", "heun"):
             raise ValueError(f"unknown SDE solver {solver!r} (euler, heun)")
         if last_step not in ("Mean", "Tweedie", "Euler", None):
@@ -334,38 +349,34 @@ class Transport:
         sigma1 = self.alpha_sigma(torch.tensor(t1))[2].item()     # 0 for Linear at t = 1: its score is infinite
         ts = torch.linspace(t0, t1, num_steps)
         dt = (ts[1] - ts[0]).item()
-
-        def sde_drift(x, t):                                        # v + D s (Eq. 4)
-            v, s = field(x, t, need_score=True)
-            return v + self.diffusion(torch.tensor(t), diffusion_form, diffusion_norm).item() * s
-
+        drift = lambda x, t: self.sde_drift(model, x, t, y, guide, diffusion_form, diffusion_norm)
         x = z
         for i in tqdm(range(num_steps - 1), disable=not progress, desc=f"sde-{solver}"):
             t = ts[i].item()
             D = self.diffusion(torch.tensor(t), diffusion_form, diffusion_norm).item()
             dw = torch.randn_like(x) * math.sqrt(dt)
             if solver == "euler":                                  # Euler-Maruyama
-                x = x + sde_drift(x, t) * dt + math.sqrt(2 * D) * dw
+                x = x + drift(x, t) * dt + math.sqrt(2 * D) * dw
             else:                                                  # stochastic Heun (official integrators.py)
                 xhat = x + math.sqrt(2 * D) * dw
-                k1 = sde_drift(xhat, t)
+                k1 = drift(xhat, t)
                 # last_step=None ends at t = 1, where the score is singular: Linear's is inf (the official gives
                 # NaN), GVP's finite but ~1e7, harmless only where D(1) vanishes (sigma, linear, SBDM forms; the
                 # official diverges for 'constant'). Otherwise that one step is an Euler step, and the corrector it
                 # would throw away is not evaluated (the isfinite check below is the safety net for other models).
                 at_one = i == num_steps - 2 and t1 >= 1.0
-                k2 = None if at_one and (abs(D1) > 1e-6 or sigma1 == 0) else sde_drift(xhat + dt * k1, t + dt)
+                k2 = None if at_one and (abs(D1) > 1e-6 or sigma1 == 0) else drift(xhat + dt * k1, t + dt)
                 if k2 is None or (at_one and not torch.isfinite(k2).all()):
                     x = xhat + dt * k1
                 else:
                     x = xhat + 0.5 * dt * (k1 + k2)
         if last_step == "Mean":                                    # a noise-free step of the same SDE drift
-            return x + sde_drift(x, t1) * size
+            return x + drift(x, t1) * size
         if last_step == "Euler":                                   # a noise-free probability-flow step
-            return x + field(x, t1)[0] * size
+            return x + self.field(model, x, t1, y, guide)[0] * size
         if last_step == "Tweedie":                                 # E[x1 | x_t] = (x + sigma^2 s) / alpha
             alpha, _, sigma, _ = self.alpha_sigma(torch.tensor(t1))
-            return x / alpha.item() + sigma.item() ** 2 / alpha.item() * field(x, t1, need_score=True)[1]
+            return x / alpha.item() + sigma.item() ** 2 / alpha.item() * self.field(model, x, t1, y, guide, True)[1]
         return x
 
     def dopri5(self, f, x, t0, t1, atol, rtol, max_steps=10_000):
