@@ -16,7 +16,6 @@ excluded, torch.cuda.synchronize around each timed block, median of --repeats bl
 stdout and everything to --json. --profile adds where the time of one training step and one forward goes
 (torch.profiler: shares of matmul, attention, compiled fused kernels, optimizer + EMA, copies; the longest kernels).
 """
-import argparse
 import copy
 import json
 import math
@@ -49,7 +48,7 @@ KINDS = (("compiled fused", ("triton_poi", "triton_red", "triton_per", "compiled
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Benchmark training/inference/sampling speed of a backbone x objective.")
+    p = train.ArgumentParser(description="Benchmark training/inference/sampling speed of a backbone x objective.")
     train.add_model_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="per-step batch (default: 64)")
     p.add_argument("--input-size", type=int, default=32, help="latent/image side (default: 32 = ImageNet-256 latents)")

@@ -23,7 +23,6 @@ written in order and num_done is updated atomically after each round of batches,
 resumes an interrupted run. With torchrun each process encodes every world-th batch of a round.
 Needs diffusers (pip install diffusers), imported only here and in sample.py's latent decoding.
 """
-import argparse
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from train import SD_VAE_SCALE, UserError, init_distributed, load_vae, to_8bit, warn_empty_classes, write_json
+from train import SD_VAE_SCALE, ArgumentParser, UserError, init_distributed, load_vae, to_8bit, warn_empty_classes, write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
@@ -87,7 +86,7 @@ class Images(torch.utils.data.Dataset):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Encode an image folder into SD-VAE latent moments (both flips).")
+    p = ArgumentParser(description="Encode an image folder into SD-VAE latent moments (both flips).")
     p.add_argument("--data-path", required=True, help="ImageNet-style folder: ROOT/CLASS/*.JPEG")
     p.add_argument("--out", required=True, help="output folder (created; an unfinished one is resumed)")
     p.add_argument("--image-size", type=int, default=256, help="center-crop size, a multiple of 8 (default: 256)")

@@ -13,7 +13,6 @@ printed beside them):
                      held-out real digits; the floor is the same distance between 360 real training digits
                      and the held-out ones (real vs real).
 """
-import argparse
 import json
 import math
 import os
@@ -190,7 +189,7 @@ def evaluate_samplers(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Judge digit samples with a classifier trained on real digits.")
+    p = train.ArgumentParser(description="Judge digit samples with a classifier trained on real digits.")
     p.add_argument("--samples", help="an .npz written by sample.py (arr_0 and labels)")
     p.add_argument("--all", action="store_true", help="train and judge every backbone x objective")
     p.add_argument("--run", help="a trained run directory to judge with each of --samplers")

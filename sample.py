@@ -10,7 +10,6 @@ DiffiT) are plain state dicts: the family, size and input size are read off the 
 with each paper's objective and sampling settings; for DiT-layout files --objective picks ddpm or sit (default: sit
 if the file name says SiT, else ddpm). Latent samples are decoded with the SD VAE (needs `pip install diffusers`).
 """
-import argparse
 import math
 import os
 import sys
@@ -23,7 +22,7 @@ from train import UserError
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Sample images from a trained Diffusion Transformer.")
+    p = train.ArgumentParser(description="Sample images from a trained Diffusion Transformer.")
     p.add_argument("--ckpt", required=True, help="a checkpoint of train.py (or a run directory), or an official state dict")
     p.add_argument("--out", default=None, help="output file: .png grid or .npz (default: grid.png in the current folder)")
     p.add_argument("--num-samples", type=int, default=None, help="number of samples (default: 4 per class up to 40, "

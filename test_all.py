@@ -1104,6 +1104,22 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("train.py", "--help")
     assert r.returncode == 0 and "--objective" in r.stdout
+    r = run_cli("train.py", "--precision", "fp16")               # argparse's own errors: one line, not the usage text
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "invalid choice: 'fp16'" in r.stderr
+
+
+@pytest.mark.parametrize("script", ["train", "sample", "bench", "quality", "extract_latents"])
+def test_argparse_errors_are_user_errors(script):
+    """A bad value, an unknown flag or a missing required one is a UserError (one line, exit 2) in every script."""
+    main = importlib.import_module(script).main
+    required = {"sample": ["--ckpt", "x"], "extract_latents": ["--data-path", "x", "--out", "y"]}.get(script, [])
+    for argv, match in ((["--bogus"], "unrecognized arguments: --bogus"),
+                        (["--batch-size" if script == "extract_latents" else "--seed", "abc"], "invalid int value: 'abc'")):
+        with pytest.raises(train.UserError, match=match):
+            main(required + argv)
+    if required:
+        with pytest.raises(train.UserError, match="the following arguments are required"):
+            main([])
 
 
 def test_sample_rejects_bad_labels_and_foreign_weights(tmp_path):
@@ -2724,7 +2740,7 @@ def test_sample_flags_do_what_their_help_says(tmp_path, monkeypatch, one_step_ru
     assert os.listdir(tmp_path) == ["grid.png"]
     assert "grid.png in the current folder" in next(a.help for a in sample.get_parser()._actions if a.dest == "out")
     for dead in ("--num-classes", "--model"):                 # never read: removed
-        with pytest.raises(SystemExit):
+        with pytest.raises(train.UserError, match=f"unrecognized arguments: {dead} 5"):
             sample.get_parser().parse_args(["--ckpt", "x.pt", dead, "5"])
     forbid(monkeypatch, (train, "sample_images"))
     with pytest.raises(train.UserError, match="--cfg-channels 5 is more than the model's 1 channels"):
@@ -2745,7 +2761,7 @@ def test_quality_checks_json_and_sample_steps_before_training(tmp_path, monkeypa
                         (["--all", "--objectives", "flow"], "--objectives flow")):
         with pytest.raises(train.UserError, match=match):
             quality.main(argv)
-    with pytest.raises(SystemExit):                      # an unknown train.py flag: argparse's error, before training
+    with pytest.raises(train.UserError, match="unrecognized arguments: --lr-typo 3"):   # before training
         quality.main(["--all", "--train-args", "--lr-typo 3"])
 
 
@@ -2978,7 +2994,7 @@ def test_sample_flag_conflicts_and_malformed_state_dicts(tmp_path, one_step_run)
                         (["--size", "DiT-S/2"], "--size DiT-S/2: that flag is for official files")):
         with pytest.raises(train.UserError, match=match):
             sample.main(["--ckpt", one_step_run, "--out", str(tmp_path / "g.png")] + argv)
-    with pytest.raises(SystemExit):
+    with pytest.raises(train.UserError, match="invalid choice: 'foo'"):
         sample.get_parser().parse_args(["--ckpt", "x.pt", "--objective", "foo"])
     # damaged or foreign files with a 'config' key (they were KeyErrors and TypeErrors)
     ck = torch.load(os.path.join(one_step_run, "checkpoints", "last.pt"), weights_only=True)

@@ -73,6 +73,14 @@ class UserError(Exception):
     """A mistake in the command line or the inputs: printed as one line, exit code 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose own errors (a bad value, an unknown or missing flag) are a UserError too: one line, exit
+    code 2, instead of the whole usage text followed by the error."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------
@@ -119,7 +127,7 @@ def add_sampling_args(p):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train a Diffusion Transformer (any backbone x any objective).")
+    p = ArgumentParser(description="Train a Diffusion Transformer (any backbone x any objective).")
     add_model_args(p)
     p.add_argument("--data", default="digits", help="'digits' (embedded 8x8 digits, default), a folder of class "
                    "subfolders of images, or a latent folder made by extract_latents.py")
