@@ -154,7 +154,7 @@ def build(args, device, compile_):
     obj_cfg = train.objective_config(train.ddpm_defaults(args, latents=not args.tiny))
     objective = train.build_objective(obj_cfg)
     C, H = (1, 8) if args.tiny else (args.in_channels, args.input_size)
-    size = args.size or train.FAMILIES[args.model][2 if args.tiny else 3]
+    size = args.size or train.FAMILIES[args.model]["small" if args.tiny else "latents"]
     cfg = dict(family=args.model, size=size, input_size=H, in_channels=C, out_channels=objective.out_channels(C),
                num_classes=10 if args.tiny else args.num_classes, class_dropout_prob=args.class_dropout)
     torch.manual_seed(args.seed)

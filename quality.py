@@ -136,7 +136,7 @@ def evaluate_all(args):
                              + (["--steps", str(args.steps)] if args.steps is not None else []) + (["--size", size] if size else [])
                              + shlex.split(args.train_args))
             train_s = time.time() - t0
-            row = dict(model=size or train.FAMILIES[family][2], objective=objective, train_args=args.train_args,
+            row = dict(model=size or train.FAMILIES[family]["small"], objective=objective, train_args=args.train_args,
                        steps=train.load_checkpoint(run)["step"], train_s=round(train_s, 1))
             for w in args.cfg_scales:
                 r = evaluate_run(net, run, w, steps=args.sample_steps, seed=args.seed)

@@ -1598,15 +1598,14 @@ def test_official_files_beyond_the_256px_flagships_are_read_as_released():
 # ===================================================================================================
 
 def build_tiny(family, size):
-    module, reg, _, _ = train.FAMILIES[family]
-    return getattr(__import__(module), reg)[size](input_size=8, in_channels=1, out_channels=2, num_classes=10)
+    return train.registry(family)[size](input_size=8, in_channels=1, out_channels=2, num_classes=10)
 
 
 def available_families():
     out = []
-    for fam, (module, reg, tiny, _) in train.FAMILIES.items():
+    for fam, f in train.FAMILIES.items():
         try:
-            out.append((fam, getattr(__import__(module), reg), tiny))
+            out.append((fam, getattr(__import__(fam), f["registry"]), f["small"]))
         except ImportError:
             pass
     return out
@@ -2427,7 +2426,7 @@ def test_attention_runs_in_bf16_under_autocast(family, monkeypatch):
     if family == "diffit-unet":
         m = diffit.DiffiTUNet(input_size=8, in_channels=1, channels=(16, 32), window=4, head_dim=8, groups=8)
     else:
-        m = train.build_model(dict(family=family, size=train.FAMILIES[family][2], input_size=8, in_channels=1,
+        m = train.build_model(dict(family=family, size=train.FAMILIES[family]["small"], input_size=8, in_channels=1,
                                    out_channels=2, num_classes=10, class_dropout_prob=0.1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m(torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2]) if family != "diffit-unet" else None)
@@ -2860,8 +2859,8 @@ def test_torchrun_trains_mdt_with_and_without_the_masked_pass(tmp_path, mask_rat
 def test_every_buffer_is_a_constant_index_table():
     # train.py builds DDP with broadcast_buffers=False (MDT's two forwards per step broke on the in-place
     # broadcast): right only while no backbone has a buffer that training changes (running statistics, say)
-    for family, (_, _, tiny, _) in train.FAMILIES.items():
-        m = train.build_model(dict(family=family, size=tiny, input_size=8, in_channels=1, out_channels=2,
+    for family, f in train.FAMILIES.items():
+        m = train.build_model(dict(family=family, size=f["small"], input_size=8, in_channels=1, out_channels=2,
                                    num_classes=10, class_dropout_prob=0.1))
         for name, b in m.named_buffers():
             assert name.endswith("relative_position_index") and not b.is_floating_point(), (family, name)

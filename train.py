@@ -27,12 +27,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# backbone family -> (module, registry name, default size for small data, default size for latents)
+# backbone family (its module's name) -> the module's size registry, and the default size on small data (the
+# digits, image folders) and on latents
 FAMILIES = {
-    "dit": ("dit", "DiT_models", "DiT-Tiny/2", "DiT-XL/2"),
-    "unet_vit": ("unet_vit", "UViT_models", "U-ViT-Tiny/2", "U-ViT-H/2"),
-    "mdt": ("mdt", "MDT_models", "MDTv2-Tiny/2", "MDTv2-XL/2"),
-    "diffit": ("diffit", "DiffiT_models", "DiffiT-Tiny/2", "DiffiT-XL/2"),
+    "dit": dict(registry="DiT_models", small="DiT-Tiny/2", latents="DiT-XL/2"),
+    "unet_vit": dict(registry="UViT_models", small="U-ViT-Tiny/2", latents="U-ViT-H/2"),
+    "mdt": dict(registry="MDT_models", small="MDTv2-Tiny/2", latents="MDTv2-XL/2"),
+    "diffit": dict(registry="DiffiT_models", small="DiffiT-Tiny/2", latents="DiffiT-XL/2"),
 }
 OBJECTIVES = ("ddpm", "sit")
 SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm++"), "sit": ("ode-euler", "ode-heun", "ode-dopri5", "sde-euler", "sde-heun")}
@@ -252,9 +253,8 @@ def resolve_args(args, preset):
 # ---------------------------------------------------------------------------------------------------
 
 def registry(family):
-    module, reg, _, _ = FAMILIES[family]
     try:
-        return getattr(importlib.import_module(module), reg)
+        return getattr(importlib.import_module(family), FAMILIES[family]["registry"])
     except ImportError as e:
         raise UserError(f"backbone family {family!r} is not available ({e})")
 
@@ -916,7 +916,7 @@ def main(argv=None):
     ddpm_defaults(args, data["kind"] == "latents")   # before objective_config; on resume for the args it saves
     obj_cfg = resume["config"]["objective"] if resume else objective_config(args)
     objective = build_objective(obj_cfg)
-    size = args.size or FAMILIES[args.model][3 if data["kind"] == "latents" else 2]
+    size = args.size or FAMILIES[args.model]["latents" if data["kind"] == "latents" else "small"]
     model_cfg = resume["config"]["model"] if resume else dict(
         family=args.model, size=size, input_size=H, in_channels=C, out_channels=objective.out_channels(C),
         num_classes=data["num_classes"], class_dropout_prob=args.class_dropout)
