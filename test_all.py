@@ -1180,6 +1180,69 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
 
 
+def test_torchrun_equals_one_process_for_any_seed(tmp_path):
+    """The initial weights come from --seed alone: with 2 processes they were those of seed 2 * seed (DDP starts
+    from rank 0's), so 2 = 1 held only for seed 0."""
+    common = QUICK + ["--class-dropout", "0", "--cfg-scale", "1", "--steps", "2", "--batch-size", "8", "--seed", "1"]
+    one = train.main(common + ["--results-dir", str(tmp_path / "one")])
+    torchrun("train.py", *common, "--results-dir", tmp_path / "two")
+    two = os.path.join(tmp_path / "two", os.listdir(tmp_path / "two")[0])
+    a = torch.load(os.path.join(one, "checkpoints", "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(two, "checkpoints", "last.pt"), weights_only=True)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
+
+
+def test_torchrun_skips_a_nonfinite_step_on_every_rank(tmp_path):
+    """--skip-nonfinite with 2 processes: a NaN in one rank's examples makes the averaged gradients NaN on both,
+    so both must skip (the rank with a finite loss of its own stepped with NaN gradients: NaN weights, exit 0)."""
+    lat = str(tmp_path / "lat")
+    make_latent_folder(lat)
+    m = np.load(os.path.join(lat, "moments.npy"))
+    m[5] = np.nan                                                  # one example: in one rank's half of its batch
+    np.save(os.path.join(lat, "moments.npy"), m)
+    common = TINY + ["--data", lat, "--size", "DiT-Tiny/2", "--steps", "4", "--class-dropout", "0", "--cfg-scale", "1",
+                     "--skip-nonfinite"]
+    one = train.main(common + ["--results-dir", str(tmp_path / "one")])
+    torchrun("train.py", *common, "--results-dir", tmp_path / "two")
+    two = os.path.join(tmp_path / "two", os.listdir(tmp_path / "two")[0])
+    a = torch.load(os.path.join(one, "checkpoints", "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(two, "checkpoints", "last.pt"), weights_only=True)
+    assert b["nonfinite"] == a["nonfinite"] == 2                    # the NaN example is drawn once per epoch of 2 steps
+    for part in ("model", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], atol=1e-5, rtol=1e-4)
+    with open(os.path.join(two, "log.txt")) as f:                   # steps 1-4 logged one by one: 2 of them skipped
+        assert sum("every step was skipped" in line for line in f) == 2
+
+
+def test_torchrun_rank0_error_stops_every_rank_with_its_message(tmp_path):
+    """An unusable --results-dir is found by rank 0 alone (it writes the run folder): every rank stops with the
+    same one-line error, not rank 1 with a traceback of a broken connection once it trained on alone."""
+    (tmp_path / "afile").write_text("")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(HERE, "train.py"), *QUICK, "--steps", "2", "--results-dir", str(tmp_path / "afile" / "r")],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0
+    assert r.stderr.count("error: cannot write a run folder") == 2, r.stderr[-3000:]
+    assert "[rank1]: Traceback" not in r.stderr and "Connection closed" not in r.stderr
+
+
+def test_resume_with_another_number_of_processes_draws_new_streams(tmp_path, capsys):
+    """A checkpoint of 2 processes resumed by 1: no rank's stream can continue; the run says so and draws new
+    ones (it silently restarted the first one, replaying label dropout's first draws)."""
+    common = QUICK + ["--steps", "2", "--ckpt-every", "2"]
+    run = train.main(common + ["--results-dir", str(tmp_path / "a")])
+    ck = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    ck["rng"]["torch"] = ck["rng"]["torch"] * 2                     # as written by 2 processes
+    torch.save(ck, tmp_path / "two.pt")
+    capsys.readouterr()
+    new = train.main(["--resume", str(tmp_path / "two.pt"), "--steps", "4", "--no-progress"])
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
+    resumed = torch.load(os.path.join(new, "checkpoints", "last.pt"), weights_only=True)
+    assert not torch.equal(resumed["rng"]["torch"][0], ck["rng"]["torch"][0])   # not the run's first stream again
+
+
 def test_kill_9_leaves_a_loadable_checkpoint_and_resume_continues(tmp_path):
     """SIGKILL at an arbitrary moment (a checkpoint is written every step) never leaves a broken last.pt."""
     import signal

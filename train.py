@@ -13,6 +13,7 @@ grids, checkpoints. Checkpoints are plain data (tensors, numbers, strings) writt
 import argparse
 import copy
 import importlib
+import inspect
 import json
 import math
 import os
@@ -831,6 +832,11 @@ def restore_state(resume, model, ema, opt, data_gen, args, rank, world, device):
             torch.cuda.set_rng_state(states[rank], device)
         elif len(states) == world:
             torch.set_rng_state(states[rank])
+        else:   # another number of processes: no rank can continue a stream of the run (the shared one goes on)
+            torch.manual_seed((args.seed * world + rank) * 1_000_003 + step)  # new ones, not the first ones again
+            if rank == 0:
+                print(f"warning: the checkpoint was written by {len(states)} process(es), this run has {world}: label "
+                      "dropout and masks draw new random streams (the data order, times and noise continue exactly)")
         cpu_states = resume["rng"].get("cpu")                # a GPU run's CPU stream (MDTv2's mask ratio)
         if cpu_states is not None and len(cpu_states) == world:
             torch.set_rng_state(cpu_states[rank])
@@ -841,6 +847,30 @@ def restore_state(resume, model, ema, opt, data_gen, args, rank, world, device):
             print(f"warning: the checkpoint was trained on another device type than {device.type}, whose random "
                   "streams cannot continue here: this run draws new ones (not bit-exact from here on)")
     return step, nonfinite
+
+
+def on_rank0(ddp, rank, fn, *args):
+    """fn(*args) on rank 0 alone (what writes files); every rank gets its result, or raises its UserError, so
+    that no rank trains on (or waits) alone after rank 0 stopped. The others wait for it here."""
+    out = [None, None]
+    if rank == 0:
+        try:
+            out[0] = fn(*args)
+        except UserError as e:
+            out[1] = str(e)
+    if ddp:
+        dist.broadcast_object_list(out, src=0)
+    if out[1] is not None:
+        raise UserError(out[1])
+    return out[0]
+
+
+def save_checkpoint(state, run_dir, keep_step=None):
+    """last.pt, and with keep_step the kept NNNNNNN.pt too (a file of its own: a hard link would share a later
+    in-place edit of last.pt)."""
+    save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
+    if keep_step is not None:
+        save_atomic(state, os.path.join(run_dir, "checkpoints", f"{keep_step:07d}.pt"))
 
 
 def gather_rngs(data_gen, ddp, world, device):
@@ -900,7 +930,7 @@ def main(argv=None):
     local_bs = args.batch_size // world
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed * world + rank)      # per-rank stream for what happens inside the model
+    torch.manual_seed(args.seed)    # the initial weights: the same for any number of processes
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
 
     # --- data ---------------------------------------------------------------------------------------
@@ -923,6 +953,8 @@ def main(argv=None):
     check_data_fits(args, model_cfg, data, resume)
     size = model_cfg["size"]
     model = build_model(model_cfg)
+    if rank > 0:                    # then one stream per process for what happens inside the model (label dropout,
+        torch.manual_seed(args.seed * world + rank)   # MDT's masks); rank 0 goes on with the one that built it
     if args.grad_checkpointing and hasattr(model, "grad_checkpointing"):
         model.grad_checkpointing = True
     elif args.grad_checkpointing and rank == 0:
@@ -947,8 +979,11 @@ def main(argv=None):
     # broadcast_buffers=False: the only buffers are constant index tables (MDT's and DiffiT's relative positions),
     # equal on every rank. Broadcasting them copies in place before every forward, which bumped the version of the
     # index MDT's full pass saved for backward when its masked pass ran (torch 2.11: "modified by an inplace operation")
+    # (the flag is named forward_sync_buffers from torch 2.13 on)
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else "broadcast_buffers": False}
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=unused, broadcast_buffers=False) if ddp else model
+                      find_unused_parameters=unused, **no_sync) if ddp else model
     if args.compile:
         require_compiler(device, "run with --no-compile")
         if args.memory_budget is not None:   # the compiler's min-cut partitioner picks what to recompute
@@ -957,9 +992,8 @@ def main(argv=None):
         train_model = torch.compile(train_model)
 
     # --- run directory (rank 0 writes every file) --------------------------------------------------------
-    run_dir = None
+    run_dir, note = on_rank0(ddp, rank, open_run_dir, args, resume, step, size)
     if rank == 0:
-        run_dir, note = open_run_dir(args, resume, step, size)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"run {run_dir}: {size} ({n_params:,} parameters) + {args.objective} on {args.data} "
               f"({N} examples, {C}x{H}x{H}), {world} process(es) on {device.type}, {args.precision}"
@@ -1009,7 +1043,12 @@ def main(argv=None):
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        skip = args.skip_nonfinite and not bool(torch.isfinite(loss))   # this flag costs one sync per step
+        skip = False
+        if args.skip_nonfinite:       # one sync per step. Every rank skips when any rank's loss is non-finite: the
+            bad = (~torch.isfinite(loss.detach())).int()        # gradients DDP averaged are non-finite on all of them
+            if ddp:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            skip = bool(bad)
         if skip:
             nonfinite += 1
         else:
@@ -1039,8 +1078,9 @@ def main(argv=None):
             dt = time.time() - t_log
             vals = (log_sum / max(log_n, 1)).tolist()
             msg = (f"step {step:7d}  loss {vals[0]:.4f}" + (f"  loss_masked {vals[1]:.4f}" if masked else "")
-                   + f"  {log_n / dt:.2f} steps/s  {log_n * args.batch_size / dt:.1f} img/s"
-                   + (f"  nonfinite {nonfinite}" if nonfinite else ""))
+                   + f"  {log_n / dt:.2f} steps/s  {log_n * args.batch_size / dt:.1f} img/s" if log_n else
+                   f"step {step:7d}  no update since the last log line: every step was skipped")
+            msg += f"  nonfinite {nonfinite}" if nonfinite else ""
             if rank == 0:
                 bar.write(msg)
                 with open(os.path.join(run_dir, "log.txt"), "a") as f:
@@ -1054,12 +1094,7 @@ def main(argv=None):
                          config=dict(model=model_cfg, objective=obj_cfg,
                                      data=dict(kind=data["kind"], classes=data.get("classes"), meta=data.get("meta"))),
                          rng=gather_rngs(data_gen, ddp, world, device))
-            if rank == 0:
-                save_atomic(state, os.path.join(run_dir, "checkpoints", "last.pt"))
-                if periodic:
-                    save_atomic(state, os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"))
-            if ddp:
-                dist.barrier()
+            on_rank0(ddp, rank, save_checkpoint, state, run_dir, step if periodic else None)   # the others wait
 
         if args.sample_every and (step % args.sample_every == 0 or step == args.steps) and rank == 0:
             # after the checkpoint: a grid is a by-product, and a grid that fails (a sampler blowing up, no memory
