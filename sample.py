@@ -21,6 +21,11 @@ import train
 from train import UserError
 
 
+def to_uint8_nhwc(x):
+    """ADM/DiT's conversion of images in [-1, 1] to the .npz: clamp(127.5 x + 128, 0, 255), truncated to uint8; NHWC."""
+    return (127.5 * x.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def get_parser():
     p = train.ArgumentParser(description="Sample images from a trained Diffusion Transformer.")
     p.add_argument("--ckpt", required=True, help="a checkpoint of train.py (or a run directory), or an official state dict")
@@ -305,8 +310,11 @@ def main(argv=None):
         if vae is not None:
             with torch.no_grad():
                 x = vae.decode(x.float() / args.latent_scale).sample   # SD-VAE decode -> images in [-1, 1]
-        chunks.append(x.float().cpu())
+        # an .npz keeps uint8 from here on: 50,000 samples at 256 px are 9.8 GB, against 39 GB in float32 (and
+        # several float copies of that at the end)
+        chunks.append(to_uint8_nhwc(x).cpu() if npz else x.float().cpu())
     x = torch.cat(chunks) if chunks else torch.zeros(0)
+    chunks.clear()
     if ddp:                                   # gather on rank 0 through part files next to the output
         part = f"{out}.part{rank}.pt"
         torch.save(dict(starts=mine, x=x), part)
@@ -314,7 +322,7 @@ def main(argv=None):
         if rank != 0:
             dist.destroy_process_group()
             return out
-        full = torch.zeros(n, *x.shape[1:])
+        full = torch.zeros(n, *x.shape[1:], dtype=x.dtype)
         for r in range(world):
             p = torch.load(f"{out}.part{r}.pt", weights_only=True)
             off = 0
@@ -326,8 +334,7 @@ def main(argv=None):
         x = full
         dist.destroy_process_group()
     if npz:
-        # ADM/DiT conversion: clamp(127.5 x + 128, 0, 255) then truncate to uint8; NHWC
-        arr = (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        arr = x.numpy()
         arrays = dict(arr_0=arr, **(dict(labels=y.numpy().astype(np.int64)) if n_cls else {}))
         train.write_atomic(out, lambda f: np.savez(f, **arrays))
         settings = dict(ckpt=os.path.abspath(args.ckpt), ema=not args.no_ema, objective=obj_name, sampler=args.sampler,
