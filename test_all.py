@@ -2809,6 +2809,18 @@ def test_sample_flags_do_what_their_help_says(tmp_path, monkeypatch, one_step_ru
         sample.main(["--ckpt", one_step_run, "--cfg-channels", "5"])
 
 
+def test_checkpoints_load_memory_mapped_and_old_format_files_still_load(tmp_path, one_step_run):
+    """load_checkpoint maps the file (sample.py then reads the EMA weights, not the optimizer state; torchrun's
+    processes share the page cache) and falls back to a plain read for torch's pre-1.6 format."""
+    ck = train.load_checkpoint(one_step_run)
+    if os.path.exists("/proc/self/maps"):
+        with open("/proc/self/maps") as f:
+            assert os.path.realpath(os.path.join(one_step_run, "checkpoints", "last.pt")) in f.read()
+    torch.save(ck["ema"], tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    old = train.load_checkpoint(str(tmp_path / "old.pt"))
+    assert all(torch.equal(old[k], v) for k, v in ck["ema"].items())
+
+
 def test_sample_npz_keeps_uint8_chunks(tmp_path, monkeypatch, one_step_run):
     """An .npz is converted to uint8 chunk by chunk (a 50k ImageNet-256 set: 9.8 GB, not 39 GB of float32 plus
     its float copies), with the same values as converting the whole set at the end."""

@@ -419,7 +419,12 @@ def load_checkpoint(path):
     safe = getattr(torch.serialization, "safe_globals", None)
     try:
         with safe([argparse.Namespace]) if safe else nullcontext():
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            try:   # memory-mapped: only what is used is read (sample.py reads the EMA weights, not the optimizer
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # state), and the
+            except RuntimeError as e:                  # processes of a torchrun resume share the page cache
+                if "mmap can only be used" not in str(e):
+                    raise
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)   # a file in torch's pre-1.6 format
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]   # torch's first sentence names the cause
         raise UserError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {type(e).__name__}: {reason}")
@@ -971,6 +976,7 @@ def main(argv=None):
     data_gen = torch.Generator(device).manual_seed(args.seed)  # shared by all ranks: t, noise, flips
     if resume:
         step, nonfinite = restore_state(resume, model, ema, opt, data_gen, args, rank, world, device)
+        resume = {k: v for k, v in resume.items() if k not in ("model", "ema", "opt")}   # not held while training
     masked = getattr(model, "trains_with_mask", False) and args.mask_ratio > 0
     if masked:
         require_mask_ratio(model, args.mask_ratio)

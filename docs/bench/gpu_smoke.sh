@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU paths of train.py and sample.py that the CPU test suite cannot reach (train.py and sample.py pick cuda
-# by themselves): fp32 and bf16 training on the digits, a sample grid during training, resume, sample.py in bf16
-# (PNG and .npz), --compile with a masking backbone and SiT, memory-mapped latents with pinned asynchronous
-# copies, the host-device syncs per training step (DiT; MDTv2's masked pass last), and an exact resume of MDTv2. Run it before gpu_plan.sh; each
-# step prints its rc. Not yet run on a GPU (a few minutes there, guessed); on a CPU it runs too, slowly.
+# by themselves), cheapest first: fp32 and bf16 training on the digits, a sample grid during training, resume,
+# sample.py in bf16 (PNG and .npz), the host-device syncs per training step (DiT), an exact resume of MDTv2 (with
+# its noise floor), memory-mapped latents with pinned asynchronous copies, MDTv2's syncs, and last the compiled
+# paths (--compile with a masking backbone and SiT; latents). Run it before gpu_plan.sh; each step prints its rc. Not yet run on a GPU (a few minutes there, guessed); on a CPU it runs too, slowly.
 #
 #   bash docs/bench/gpu_smoke.sh                       # everything in smoke_out/
 #
@@ -47,19 +47,6 @@ if [ -n "$run" ]; then
     step sample_png "$PY" sample.py --ckpt "$run" --precision bf16 --sample-steps 20 --out "$O/grid.png"
     step sample_npz "$PY" sample.py --ckpt "$run" --precision bf16 --sample-steps 20 --num-samples 20 --out "$O/s.npz"
 fi
-step mdt_sit_compile "$PY" train.py --model mdt --objective sit --compile --precision bf16 $Q --results-dir "$O/mdt"
-# a hand-made latent folder in extract_latents.py's layout (no VAE needed): 64 rows of 2 flips x 2C x 32 x 32
-"$PY" - "$O/lat" <<'PY'
-import json, os, sys
-import numpy as np
-root = sys.argv[1]; os.makedirs(root, exist_ok=True)
-np.save(os.path.join(root, "moments.npy"), np.random.default_rng(0).normal(size=(64, 2, 8, 32, 32)).astype(np.float16))
-np.save(os.path.join(root, "labels.npy"), np.arange(64, dtype=np.int64) % 4)
-json.dump(dict(format="moments-v1", num_images=64, num_done=64, num_classes=4, classes=list("abcd"), latent_size=32,
-               latent_channels=4, scale_factor=0.18215), open(os.path.join(root, "meta.json"), "w"))
-PY
-step latents_compile "$PY" train.py --data "$O/lat" --size DiT-S/2 --batch-size 16 --precision bf16 --compile $Q \
-    --sample-every 0 --results-dir "$O/latents"
 # host-device syncs per training step (README: none): torch counts them in its sync debug mode; 30 steps minus 10
 # steps leaves the per-step ones (the start and the end of a run sync too)
 for n in 10 30; do
@@ -71,20 +58,39 @@ done
 step mdt_straight "$PY" train.py --model mdt --steps 4 --log-every 1 --no-progress --results-dir "$O/mdt4" &&
 step mdt_half "$PY" train.py --model mdt --steps 2 --log-every 1 --no-progress --results-dir "$O/mdt22" &&
 step mdt_resume "$PY" train.py --resume "$(ls -d "$O"/mdt22/*/ | head -1)" --steps 4 --no-progress &&
+step mdt_again "$PY" train.py --model mdt --steps 4 --log-every 1 --no-progress --results-dir "$O/mdt4b" &&
 "$PY" - "$O" <<'PY'
 import glob, sys, torch
-a, b = (torch.load(glob.glob(f"{sys.argv[1]}/{d}/*/checkpoints/last.pt")[0], weights_only=True) for d in ("mdt4", "mdt22"))
-print("mdt resume: max |weight difference|", max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]))
+a, b, c = (torch.load(glob.glob(f"{sys.argv[1]}/{d}/*/checkpoints/last.pt")[0], weights_only=True) for d in ("mdt4", "mdt22", "mdt4b"))
+diff = lambda p, q: max((p["model"][k] - q["model"][k]).abs().max().item() for k in p["model"])
+# the noise floor: the same 4 straight steps twice (some CUDA kernels are not deterministic)
+print("mdt resume: max |weight difference|", diff(a, b), "; straight run vs itself:", diff(a, c))
 for d in ("mdt4", "mdt22"):
     print(d, open(glob.glob(f"{sys.argv[1]}/{d}/*/log.txt")[0]).read().splitlines()[-2:])
 PY
-# last, where the budget allows: the same sync count for MDTv2's masked pass (its mask ratio is drawn on the CPU
+# a hand-made latent folder in extract_latents.py's layout (no VAE needed): 64 rows of 2 flips x 2C x 32 x 32
+"$PY" - "$O/lat" <<'PY'
+import json, os, sys
+import numpy as np
+root = sys.argv[1]; os.makedirs(root, exist_ok=True)
+np.save(os.path.join(root, "moments.npy"), np.random.default_rng(0).normal(size=(64, 2, 8, 32, 32)).astype(np.float16))
+np.save(os.path.join(root, "labels.npy"), np.arange(64, dtype=np.int64) % 4)
+json.dump(dict(format="moments-v1", num_images=64, num_done=64, num_classes=4, classes=list("abcd"), latent_size=32,
+               latent_channels=4, scale_factor=0.18215), open(os.path.join(root, "meta.json"), "w"))
+PY
+step latents "$PY" train.py --data "$O/lat" --size DiT-S/2 --batch-size 16 --precision bf16 $Q \
+    --sample-every 0 --results-dir "$O/latents"
+# the same sync count for MDTv2's masked pass (its mask ratio is drawn on the CPU
 # generator, which is no device sync; the kept-pair index and the side-interpolater are device ops)
 for n in 10 30; do
     step mdt_sync$n "$PY" -W always -c "import torch, train; torch.cuda.set_sync_debug_mode('warn'); train.main(['--model',
         'mdt', '--steps', '$n', '--log-every', '1000', '--ckpt-every', '0', '--sample-every', '0', '--no-progress',
         '--results-dir', '$O/mdt_sync$n'])" && echo "syncs in $n MDT steps: $(grep -c 'synchronizing CUDA operation' "$O/mdt_sync$n.log")"
 done
+# last, where the budget allows: the compiled paths (their first steps compile, about a minute each)
+step mdt_sit_compile "$PY" train.py --model mdt --objective sit --compile --precision bf16 $Q --results-dir "$O/mdt"
+step latents_compile "$PY" train.py --data "$O/lat" --size DiT-S/2 --batch-size 16 --precision bf16 --compile $Q \
+    --sample-every 0 --results-dir "$O/latents"
 nvidia-smi --query-gpu=name,memory.used --format=csv 2>/dev/null
 pack
 exit 0
