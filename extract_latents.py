@@ -195,10 +195,12 @@ def main(argv=None):
             b = mine[k]
             with torch.no_grad():
                 x = x.to(device, non_blocking=True)
-                post = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist  # image and its horizontal flip
-                m = torch.cat([post.mean, post.std], dim=1).float()        # (2n, 2C, h, h)
+                # the image, then its horizontal flip: two calls, as one of 2B images at 512 px would hold
+                # activations of 2B x 128 x 512 x 512 floats (17 GB each at B = 64)
+                m = [torch.cat([p.mean, p.std], dim=1).float()             # 2 x (n, 2C, h, h)
+                     for p in (vae.encode(v).latent_dist for v in (x, x.flip(-1)))]
             n = x.shape[0]
-            moments[b:b + n] = torch.stack([m[:n], m[n:]], dim=1).cpu().numpy().astype(np.float16)
+            moments[b:b + n] = torch.stack(m, dim=1).cpu().numpy().astype(np.float16)   # (n, 2, 2C, h, h)
             labels[b:b + n] = [items[b + i][1] if ok[i] else -1 for i in range(n)]
             bad += [items[b + i][0] for i in range(n) if not ok[i]]
             done += n

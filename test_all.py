@@ -2565,7 +2565,7 @@ def test_latent_pipeline_end_to_end(tmp_path, tiny_vae):
 
         def enc(x):
             calls["n"] += 1
-            if calls["n"] == 2:
+            if calls["n"] == 3:                             # two calls a batch: the image, then its flip
                 raise KeyboardInterrupt
             return encode(x)
         v.encode = enc
@@ -3629,12 +3629,12 @@ def test_extract_latents_resumes_where_it_stopped_and_only_with_the_same_setting
     def counting(*args):
         v = real_load(*args)
         enc = v.encode
-        v.encode = lambda x: encoded.append(len(x) // 2) or enc(x)
+        v.encode = lambda x: encoded.append(len(x)) or enc(x)          # the images, then their flips
         return v
     monkeypatch.setattr(extract_latents, "load_vae", counting)
     extract_latents.main(argv)
     m = np.load(os.path.join(out, "moments.npy"))
-    assert encoded == [2, 1] and not m[:4].any() and m[4:].any()          # rows 4, 5 and 6 only
+    assert encoded == [2, 2, 1, 1] and not m[:4].any() and m[4:].any()          # rows 4, 5 and 6 only
     assert json.load(open(meta_path))["num_done"] == 7
     with open(meta_path, "w") as f:
         json.dump(dict(meta, num_done=4), f)
