@@ -222,7 +222,11 @@ def main(argv=None):
             extra = shlex.split(args.train_args)
         except ValueError as e:
             raise train.UserError(f"--train-args {args.train_args!r}: {e}")
-        train.get_parser().parse_args(extra)     # an unknown flag: argparse's one-line error, exit 2
+        try:                                     # an unknown train.py flag
+            train.get_parser().parse_args(extra)
+        except train.UserError as e:
+            raise train.UserError(f"--train-args {args.train_args!r}: {str(e).replace(' (see --help)', '')} "
+                                  "(see python train.py --help)")
         for variant in args.models:
             family, _, size = variant.partition(":")
             if family not in train.FAMILIES or (size and size not in train.registry(family)):

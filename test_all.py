@@ -1175,7 +1175,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     two = os.path.join(tmp_path / "two", os.listdir(tmp_path / "two")[0])
     a = torch.load(os.path.join(one, "checkpoints", "last.pt"), weights_only=True)
     b = torch.load(os.path.join(two, "checkpoints", "last.pt"), weights_only=True)
-    assert len(b["rng"]["torch"]) == 2
+    assert len(b["rng"]["torch"]) == 2 and not torch.equal(*b["rng"]["torch"])   # each rank its own stream
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
 
@@ -2821,6 +2821,28 @@ def test_checkpoints_load_memory_mapped_and_old_format_files_still_load(tmp_path
     assert all(torch.equal(old[k], v) for k, v in ck["ema"].items())
 
 
+def test_resumed_cpu_optimizer_state_is_a_copy_not_the_mapped_file(one_step_run):
+    """On CPU, AdamW.load_state_dict keeps tensors of the checkpoint's device and dtype as they are: memory-mapped
+    ones, which a file rewritten in place would pull from under the run (a bus error)."""
+    ck = train.load_checkpoint(one_step_run)
+    model = train.build_model(ck["config"]["model"])
+    opt = train.adamw([p for p in model.parameters() if p.requires_grad], torch.device("cpu"), lr=1e-3)
+    train.restore_state(ck, model, copy.deepcopy(model), opt, torch.Generator(), argparse.Namespace(**ck["args"]), 0, 1,
+                        torch.device("cpu"))
+    mapped = {t.data_ptr() for s in ck["opt"]["state"].values() for t in s.values() if torch.is_tensor(t)}
+    ours = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    assert ours and not any(t.data_ptr() in mapped for t in ours)
+
+
+def test_a_log_write_that_fails_is_a_user_error(tmp_path):
+    """rank 0 appends to log.txt (through on_rank0 under torchrun, so every rank stops with the line)."""
+    run = train.main(QUICK + ["--steps", "2", "--results-dir", str(tmp_path)])
+    os.remove(os.path.join(run, "log.txt"))
+    os.makedirs(os.path.join(run, "log.txt"))                      # a log that cannot be appended to
+    with pytest.raises(train.UserError, match=r"cannot write .*log.txt .*the checkpoints written so far are intact"):
+        train.main(["--resume", run, "--steps", "3", "--no-progress"])
+
+
 def test_sample_npz_keeps_uint8_chunks(tmp_path, monkeypatch, one_step_run):
     """An .npz is converted to uint8 chunk by chunk (a 50k ImageNet-256 set: 9.8 GB, not 39 GB of float32 plus
     its float copies), with the same values as converting the whole set at the end."""
@@ -2849,7 +2871,7 @@ def test_quality_checks_json_and_sample_steps_before_training(tmp_path, monkeypa
                         (["--all", "--objectives", "flow"], "--objectives flow")):
         with pytest.raises(train.UserError, match=match):
             quality.main(argv)
-    with pytest.raises(train.UserError, match="unrecognized arguments: --lr-typo 3"):   # before training
+    with pytest.raises(train.UserError, match=r"--train-args '--lr-typo 3': unrecognized arguments: --lr-typo 3 \(see python train.py --help\)"):
         quality.main(["--all", "--train-args", "--lr-typo 3"])
 
 

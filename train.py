@@ -421,10 +421,9 @@ def load_checkpoint(path):
         with safe([argparse.Namespace]) if safe else nullcontext():
             try:   # memory-mapped: only what is used is read (sample.py reads the EMA weights, not the optimizer
                 ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # state), and the
-            except RuntimeError as e:                  # processes of a torchrun resume share the page cache
-                if "mmap can only be used" not in str(e):
-                    raise
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)   # a file in torch's pre-1.6 format
+            except RuntimeError:                       # processes of a torchrun resume share the page cache
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)   # torch's pre-1.6 format, or
+                                                                                 # a file system without mmap
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]   # torch's first sentence names the cause
         raise UserError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {type(e).__name__}: {reason}")
@@ -827,6 +826,10 @@ def restore_state(resume, model, ema, opt, data_gen, args, rank, world, device):
     load_weights(model, resume["model"], "--resume model")
     load_weights(ema, resume["ema"], "--resume ema")
     opt.load_state_dict(resume["opt"])
+    for s in opt.state.values():   # on CPU the optimizer kept the checkpoint's memory-mapped tensors: copy them (a
+        for k, v in s.items():     # file rewritten in place under a running job would crash it)
+            if torch.is_tensor(v) and v.device.type == "cpu":
+                s[k] = v.clone()
     for g in opt.param_groups:
         g.update(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     step, nonfinite = resume["step"], resume.get("nonfinite", 0)
@@ -868,6 +871,14 @@ def on_rank0(ddp, rank, fn, *args):
     if out[1] is not None:
         raise UserError(out[1])
     return out[0]
+
+
+def append_line(path, line):
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); the checkpoints written so far are intact")
 
 
 def save_checkpoint(state, run_dir, keep_step=None):
@@ -1089,8 +1100,7 @@ def main(argv=None):
             msg += f"  nonfinite {nonfinite}" if nonfinite else ""
             if rank == 0:
                 bar.write(msg)
-                with open(os.path.join(run_dir, "log.txt"), "a") as f:
-                    f.write(msg + "\n")
+            on_rank0(ddp, rank, append_line, os.path.join(run_dir, "log.txt"), msg)
             log_sum.zero_()
             log_n, t_log = 0, time.time()
 
