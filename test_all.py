@@ -1228,6 +1228,55 @@ def test_torchrun_rank0_error_stops_every_rank_with_its_message(tmp_path):
     assert "[rank1]: Traceback" not in r.stderr and "Connection closed" not in r.stderr
 
 
+def test_rank0_stream_goes_on_from_the_one_that_built_the_weights(tmp_path):       # T9
+    run = train.main(QUICK + ["--steps", "1", "--class-dropout", "0", "--cfg-scale", "1", "--seed", "3",
+                              "--results-dir", str(tmp_path)])
+    ck = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    torch.manual_seed(3)
+    train.build_model(ck["config"]["model"])
+    assert torch.equal(ck["rng"]["torch"][0], torch.get_rng_state())
+
+
+def test_resume_with_another_number_of_processes_gives_each_rank_its_own_stream(tmp_path):   # T13
+    run = train.main(QUICK + ["--steps", "2", "--results-dir", str(tmp_path)])
+    ck = train.load_checkpoint(run)                                 # written by 1 process; resumed by 2
+    args = argparse.Namespace(**ck["args"])
+    states = []
+    for rank in (0, 1):
+        model = train.build_model(ck["config"]["model"])
+        ema = copy.deepcopy(model)
+        opt = train.adamw([p for p in model.parameters() if p.requires_grad], torch.device("cpu"), lr=args.lr)
+        gen = torch.Generator().manual_seed(0)
+        train.restore_state(ck, model, ema, opt, gen, args, rank, 2, torch.device("cpu"))
+        states.append(torch.get_rng_state())
+    assert not torch.equal(states[0], states[1])
+
+
+def test_log_says_skipped_exactly_on_the_lines_of_skipped_steps(tmp_path):          # T15
+    lat = str(tmp_path / "lat")
+    make_latent_folder(lat)
+    m = np.load(os.path.join(lat, "moments.npy"))
+    m[5] = np.nan
+    np.save(os.path.join(lat, "moments.npy"), m)
+    run = train.main(TINY + ["--data", lat, "--size", "DiT-Tiny/2", "--steps", "4", "--class-dropout", "0",
+                             "--cfg-scale", "1", "--skip-nonfinite", "--results-dir", str(tmp_path / "r")])
+    with open(os.path.join(run, "log.txt")) as f:
+        lines = [line for line in f.read().splitlines() if line.startswith("step")]
+    counts = [int(line.split("nonfinite ")[1]) if "nonfinite " in line else 0 for line in lines]
+    skipped = [c > p for p, c in zip([0] + counts, counts)]
+    assert len(lines) == 4 and sum(skipped) == 2
+    assert [("every step was skipped" in line) for line in lines] == skipped
+    assert [(" loss " in line) for line in lines] == [not s for s in skipped]
+
+
+def test_resume_does_not_hold_the_checkpoint_weights_while_training(tmp_path, monkeypatch):   # T21
+    run = train.main(QUICK + ["--steps", "1", "--results-dir", str(tmp_path)])
+    seen, real = [], train.open_run_dir
+    monkeypatch.setattr(train, "open_run_dir", lambda args, resume, *a: seen.append(set(resume)) or real(args, resume, *a))
+    train.main(["--resume", run, "--steps", "2", "--no-progress"])
+    assert len(seen) == 1 and not seen[0] & {"model", "ema", "opt"}
+
+
 def test_resume_with_another_number_of_processes_draws_new_streams(tmp_path, capsys):
     """A checkpoint of 2 processes resumed by 1: no rank's stream can continue; the run says so and draws new
     ones (it silently restarted the first one, replaying label dropout's first draws)."""
@@ -1308,6 +1357,61 @@ def test_cli_fuzz_never_raises_anything_but_user_errors(tmp_path):
 # ===================================================================================================
 
 import sit  # noqa: E402
+
+
+def test_sit_sampling_passes_every_guidance_argument():                         # X3, X4, X5
+    tr, m = sit.Transport(), ToyEps(out_channels=4)
+    z, y = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    kw = dict(method="ode", solver="euler", num_steps=5, cfg_scale=3.0)
+    base = tr.sample(m, z, y, **kw)
+    assert not torch.equal(base, tr.sample(m, z, y, **kw, scale_pow=4))
+    assert not torch.equal(base, tr.sample(m, z, y, **kw, cfg_channels=2))
+    seen = []
+
+    class K(ToyEps):
+        def forward(self, x, t, y, flag=None):
+            seen.append(flag)
+            return super().forward(x, t, y)
+    tr.sample(K(out_channels=4), z, y, **kw, model_kwargs=dict(flag=7))
+    assert seen and set(seen) == {7}
+
+
+def test_sit_sde_last_steps_are_their_formulas():                                   # X9, X10, X11
+    tr = sit.Transport("Linear", "velocity")
+    z, y = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(4, dtype=torch.long)
+    seen = []
+
+    def model(x, t, y):
+        seen.append((x.clone(), float(t[0])))
+        return 1 - 0.9 * x
+    for last in ("Mean", "Euler", "Tweedie"):
+        seen.clear()
+        torch.manual_seed(0)
+        out = tr.sample(model, z, y, method="sde", solver="euler", num_steps=5, last_step=last, last_step_size=0.04)
+        x, t = seen[-1]                                          # the last step's one model call, at t1 = 0.96
+        assert abs(t - 0.96) < 1e-6
+        v, s = tr.velocity_and_score(model, x, t, y, 1.0, None, None, need_score=True)
+        D = tr.diffusion(torch.tensor(t), "sigma", 1.0).item()
+        alpha, _, sigma, _ = (u.item() for u in tr.alpha_sigma(torch.tensor(t)))
+        want = {"Mean": x + (v + D * s) * 0.04, "Euler": x + v * 0.04, "Tweedie": x / alpha + sigma ** 2 / alpha * s}
+        torch.testing.assert_close(out, want[last], msg=last)
+
+
+def test_sit_dopri5_gets_the_given_tolerances():                                  # X12
+    tr, got = sit.Transport(), {}
+    real = tr.dopri5
+    tr.dopri5 = lambda f, x, t0, t1, atol, rtol: got.update(atol=atol, rtol=rtol) or real(f, x, t0, t1, atol, rtol)
+    tr.sample(lambda x, t, y: -x, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), method="ode",
+              solver="dopri5", atol=1e-5, rtol=1e-2)
+    assert got == dict(atol=1e-5, rtol=1e-2)
+
+
+def test_sit_sde_heun_evaluates_its_corrector_at_the_next_time():                # X13
+    tr, times = sit.Transport(), []
+    tr.sample(lambda x, t, y: times.append(float(t[0])) or -x, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long),
+              method="sde", solver="heun", num_steps=3, last_step="Mean", last_step_size=0.04)
+    ts = torch.linspace(tr.interval(tr.sample_eps)[0], 0.96, 3).tolist()
+    assert times == pytest.approx([ts[0], ts[1], ts[1], ts[2], 0.96])
 
 
 @pytest.mark.parametrize("path,gold", [
@@ -2538,6 +2642,25 @@ def make_imagenet_like(root, n_per_class=5):
     return root
 
 
+def test_extract_latents_stores_the_image_then_its_flip(tmp_path, tiny_vae):     # E1, E2, E3
+    import extract_latents
+    from PIL import Image
+    vae_path, vae = tiny_vae
+    data = make_imagenet_like(tmp_path / "imagenet", n_per_class=1)
+    out = str(tmp_path / "lat")
+    extract_latents.main(["--data-path", str(data), "--out", out, "--image-size", "32", "--vae", vae_path,
+                          "--batch-size", "4", "--num-workers", "0"])
+    m = np.load(os.path.join(out, "moments.npy"))
+    with Image.open(data / "n01" / "img0.JPEG") as im:
+        a = extract_latents.center_crop_arr(im.convert("RGB"), 32)
+    x = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    for j, v in enumerate((x, x.flip(-1))):                      # [:, 0] the image, [:, 1] its flip
+        with torch.no_grad():
+            post = vae.encode(v).latent_dist
+        np.testing.assert_allclose(m[0, j, :4], post.mean[0].numpy(), atol=2e-3, rtol=1e-2)
+        np.testing.assert_allclose(m[0, j, 4:], post.std[0].numpy(), atol=2e-3, rtol=1e-2)
+
+
 def test_center_crop_arr():
     import extract_latents
     from PIL import Image
@@ -2648,6 +2771,7 @@ def test_sample_npz_sharded_with_torchrun_equals_one_process(tmp_path):
     torchrun("sample.py", *common, "--out", tmp_path / "two.npz")
     two = np.load(tmp_path / "two.npz")
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
+    assert two["arr_0"].dtype == one["arr_0"].dtype == np.uint8   # the parts are gathered as uint8 too
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
