@@ -198,7 +198,8 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=list(train.FAMILIES) + ["diffit:DiffiT-UNet-Tiny"],
                    help="FAMILY or FAMILY:SIZE for --all (default: every family's Tiny config + image-space DiffiT)")
     p.add_argument("--sample-steps", type=int, default=250, help="steps of each objective's default sampler (default: 250)")
-    p.add_argument("--objectives", nargs="+", default=list(train.OBJECTIVES), help="objectives for --all (default: all)")
+    p.add_argument("--objectives", nargs="+", default=list(train.OBJECTIVES), choices=train.OBJECTIVES,
+                   help="objectives for --all (default: all)")
     p.add_argument("--steps", type=int, default=None, help="training steps per pair for --all (default: train.py's "
                    "digits default: 1200 DiT, 4000 U-ViT, 2000 the others)")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales to judge (default: 1 3)")
@@ -232,9 +233,6 @@ def main(argv=None):
             if family not in train.FAMILIES or (size and size not in train.registry(family)):
                 raise train.UserError(f"--models {variant}: give FAMILY or FAMILY:SIZE, FAMILY one of "
                                       f"{', '.join(train.FAMILIES)} and SIZE from its registry")
-        bad = [o for o in args.objectives if o not in train.OBJECTIVES]
-        if bad:
-            raise train.UserError(f"--objectives {' '.join(bad)}: choose from {', '.join(train.OBJECTIVES)}")
         return evaluate_all(args)
     if args.run:
         if not args.samplers:

@@ -786,8 +786,8 @@ def test_resume_continues_the_same_trajectory(tmp_path):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--model", "vit"], "unknown --model"),
-    (["--objective", "flow"], "unknown --objective"),
+    (["--model", "vit"], "argument --model: invalid choice: 'vit'"),
+    (["--objective", "flow"], "argument --objective: invalid choice: 'flow'"),
     (["--size", "DiT-XXL/2"], "unknown --size"),
     (["--sampler", "ode-heun"], "does not fit --objective ddpm"),
     (["--steps", "0"], "--steps must be positive"),
@@ -1097,7 +1097,7 @@ def test_train_on_image_folder(tmp_path, model, size, objective):
 
 def test_cli_errors_are_one_line(tmp_path):
     r = run_cli("train.py", "--model", "nope")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown --model" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "invalid choice: 'nope'" in r.stderr
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
     r = run_cli("sample.py", "--ckpt", bad)
@@ -2992,7 +2992,7 @@ def test_quality_checks_json_and_sample_steps_before_training(tmp_path, monkeypa
                         (["--all", "--train-args", "'--lr"], "--train-args .*No closing quotation"),
                         (["--all", "--models", "dit:DiT-XL/9"], "--models dit:DiT-XL/9"),
                         (["--all", "--models", "vit"], "--models vit"),
-                        (["--all", "--objectives", "flow"], "--objectives flow")):
+                        (["--all", "--objectives", "flow"], "argument --objectives: invalid choice: 'flow'")):
         with pytest.raises(train.UserError, match=match):
             quality.main(argv)
     with pytest.raises(train.UserError, match=r"--train-args '--lr-typo 3': unrecognized arguments: --lr-typo 3 \(see python train.py --help\)"):
@@ -3021,7 +3021,7 @@ def test_quality_refuses_a_bad_samples_file_before_training_its_judge(tmp_path, 
 @pytest.mark.parametrize("bad,match", [
     (["--device", "foo"], "--device foo"),
     (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "no such CUDA GPU"),
-    (["--objective", "foo"], "unknown --objective"),
+    (["--objective", "foo"], "argument --objective: invalid choice: 'foo'"),
     (["--what", "trian"], "unknown --what trian"),
     (["--mask-ratio", "1.5"], "--mask-ratio must be in"),
     (["--json", "NODIR/b.json"], "does not exist"),

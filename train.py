@@ -88,13 +88,14 @@ class ArgumentParser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------------
 
 def add_model_args(p):
-    p.add_argument("--model", default="dit", help=f"backbone family: {', '.join(FAMILIES)} (default: dit)")
+    p.add_argument("--model", default="dit", choices=list(FAMILIES), help="backbone family (default: dit)")
     p.add_argument("--size", default=None, help="config name from the family's registry, e.g. DiT-XL/2 "
                    "(default: the family's Tiny config on digits/small images, its XL config on latents)")
-    p.add_argument("--objective", default="ddpm", help=f"training objective: {', '.join(OBJECTIVES)} (default: ddpm)")
+    p.add_argument("--objective", default="ddpm", choices=OBJECTIVES, help="training objective (default: ddpm)")
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for classifier-free guidance (default: 0.1)")
     # ddpm
-    p.add_argument("--beta-schedule", default=None, help="ddpm: linear (DiT), scaled_linear (U-ViT), cosine (default: "
+    p.add_argument("--beta-schedule", default=None, choices=["linear", "scaled_linear", "cosine"],
+                   help="ddpm: linear (DiT), scaled_linear (U-ViT), cosine (default: "
                    "scaled_linear for unet_vit on latents, as U-ViT-H's code; linear otherwise)")
     p.add_argument("--no-learn-sigma", action="store_true", default=None, help="ddpm: predict eps only with fixed "
                    "variance (default for unet_vit on latents, as U-ViT-H's code; otherwise a learned sigma, as DiT)")
@@ -105,9 +106,12 @@ def add_model_args(p):
                    help="ddpm: weight the MSE by min(SNR,5)/SNR (default: on for MDTv2 as in its paper, and on the "
                    "digits; off for DiT, U-ViT, DiffiT and MDT v1 on other data, as in their code)")
     # sit
-    p.add_argument("--path-type", default="Linear", help="sit: Linear, GVP or VP (default: Linear)")
-    p.add_argument("--prediction", default="velocity", help="sit: velocity, score or noise (default: velocity)")
-    p.add_argument("--loss-weight", default=None, help="sit: none, velocity or likelihood (default: none)")
+    p.add_argument("--path-type", default="Linear", choices=["Linear", "GVP", "VP"], help="sit: the interpolant "
+                   "(default: Linear)")
+    p.add_argument("--prediction", default="velocity", choices=["velocity", "score", "noise"],
+                   help="sit: what the model predicts (default: velocity)")
+    p.add_argument("--loss-weight", default=None, choices=["none", "velocity", "likelihood"],
+                   help="sit: the loss weighting (default: none)")
     p.add_argument("--train-eps", type=float, default=None, help="sit: training time interval margin (default: the official rule)")
     p.add_argument("--sample-eps", type=float, default=None, help="sit: sampling time interval margin (default: the official rule)")
     p.add_argument("--time-scale", type=float, default=None,
@@ -179,8 +183,6 @@ def given_flags(parser, argv):
 
 def resolve_args(args, preset):
     """Fill unset flags from the preset (and, off the digits, the family's own recipe); UserError on a bad combination."""
-    if args.model not in FAMILIES:
-        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(FAMILIES)}")
     mdt_v2 = args.model == "mdt" and not (args.size or "").startswith("MDT-")
     defaults = dict(PRESETS[preset])
     if preset == "official":
@@ -192,8 +194,6 @@ def resolve_args(args, preset):
             setattr(args, k, v)
     if hasattr(args, "min_snr") and args.min_snr is None:   # MDTv2 trains with min-SNR-5; DiT, U-ViT, DiffiT, MDT v1 do not
         args.min_snr = mdt_v2
-    if args.objective not in OBJECTIVES:
-        raise UserError(f"unknown --objective {args.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if args.sampler is None:
         args.sampler = DEFAULT_SAMPLER[args.objective]
     if args.sampler not in SAMPLERS[args.objective]:
@@ -293,17 +293,9 @@ def ddpm_defaults(args, latents):
 
 def objective_config(args):
     if args.objective == "ddpm":
-        if args.beta_schedule not in ("linear", "scaled_linear", "cosine"):
-            raise UserError(f"unknown --beta-schedule {args.beta_schedule!r}; choose linear, scaled_linear, cosine")
         return dict(name="ddpm", beta_schedule=args.beta_schedule, learn_sigma=not args.no_learn_sigma,
                     timestep_offset=args.timestep_offset, min_snr=bool(args.min_snr))
     weight = None if args.loss_weight in (None, "none", "None") else args.loss_weight
-    if args.path_type not in ("Linear", "GVP", "VP"):
-        raise UserError(f"unknown --path-type {args.path_type!r}; choose Linear, GVP, VP")
-    if args.prediction not in ("velocity", "score", "noise"):
-        raise UserError(f"unknown --prediction {args.prediction!r}; choose velocity, score, noise")
-    if weight not in (None, "velocity", "likelihood"):
-        raise UserError(f"unknown --loss-weight {args.loss_weight!r}; choose none, velocity, likelihood")
     time_scale = args.time_scale if args.time_scale is not None else 999.0 if args.model == "unet_vit" else 1.0
     if not time_scale > 0:
         raise UserError(f"--time-scale must be positive, got {time_scale}")
