@@ -1277,6 +1277,24 @@ def test_resume_does_not_hold_the_checkpoint_weights_while_training(tmp_path, mo
     assert len(seen) == 1 and not seen[0] & {"model", "ema", "opt"}
 
 
+def test_grad_accum_gives_the_same_update(tmp_path):
+    """--grad-accum K: K micro-batches whose gradients add up to the batch's, so the run is the plain one up to
+    float rounding (label dropout off: it draws per forward call); with torchrun, DDP averages once per step."""
+    common = QUICK + ["--class-dropout", "0", "--cfg-scale", "1", "--steps", "3"]
+    runs = {k: train.main(common + ["--grad-accum", str(k), "--results-dir", str(tmp_path / str(k))]) for k in (1, 4)}
+    torchrun("train.py", *common, "--grad-accum", "2", "--results-dir", tmp_path / "ddp")
+    runs["ddp"] = os.path.join(tmp_path / "ddp", os.listdir(tmp_path / "ddp")[0])
+    ck = {k: torch.load(os.path.join(r, "checkpoints", "last.pt"), weights_only=True) for k, r in runs.items()}
+    for k in (4, "ddp"):
+        for name, v in ck[1]["model"].items():
+            torch.testing.assert_close(ck[k]["model"][name], v, atol=1e-5, rtol=1e-4)
+    assert list(map(float, last_losses(runs[4]))) == pytest.approx(list(map(float, last_losses(runs[1]))), abs=2e-4)
+    assert train.main(TINY + ["--model", "mdt", "--steps", "1", "--grad-accum", "2", "--results-dir", str(tmp_path / "m")])
+    for k, match in ((3, "--grad-accum 3 must divide the batch of each process .16."), (0, "--grad-accum must be positive")):
+        with pytest.raises(train.UserError, match=match):
+            train.main(common + ["--grad-accum", str(k), "--results-dir", str(tmp_path / "bad")])
+
+
 def test_resume_with_another_number_of_processes_draws_new_streams(tmp_path, capsys):
     """A checkpoint of 2 processes resumed by 1: no rank's stream can continue; the run says so and draws new
     ones (it silently restarted the first one, replaying label dropout's first draws)."""

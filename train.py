@@ -161,6 +161,9 @@ def get_parser():
     p.add_argument("--memory-budget", type=float, default=None, help="with --compile: the activation memory kept for "
                    "backward, in (0, 1]: near 0 recompute all it can, 1 keep what runs fastest (the default); torch's "
                    "activation_memory_budget: the compiler recomputes the cheapest ops first; same math")
+    p.add_argument("--grad-accum", type=int, default=1, help="split each process's batch into this many micro-batches "
+                   "and add up their gradients: the same update (to float rounding) with 1/K of the activation memory "
+                   "(MDT draws a mask ratio per micro-batch; default: 1)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory; dit and unet_vit)")
     p.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
     p.add_argument("--log-every", type=int, default=None, help="log every N steps (default: 100)")
@@ -201,7 +204,7 @@ def resolve_args(args, preset):
                         f"{', '.join(SAMPLERS[args.objective])}")
     if args.cfg_scale is None:                                 # no label dropout, no null label: no guidance
         args.cfg_scale = 4.0 if args.class_dropout > 0 else 1.0
-    for name in ("steps", "batch_size", "log_every", "sample_steps"):
+    for name in ("steps", "batch_size", "log_every", "sample_steps", "grad_accum"):
         if getattr(args, name, None) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("sample_every", "ckpt_every"):
@@ -936,6 +939,9 @@ def main(argv=None):
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the number of processes {world}")
     local_bs = args.batch_size // world
+    if local_bs % args.grad_accum:
+        raise UserError(f"--grad-accum {args.grad_accum} must divide the batch of each process ({local_bs})")
+    micro_bs = local_bs // args.grad_accum
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)    # the initial weights: the same for any number of processes
@@ -991,8 +997,8 @@ def main(argv=None):
     # (the flag is named forward_sync_buffers from torch 2.13 on)
     no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                else "broadcast_buffers": False}
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=unused, **no_sync) if ddp else model
+    train_model = ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=unused, **no_sync) if ddp else model
     if args.compile:
         require_compiler(device, "run with --no-compile")
         if args.memory_budget is not None:   # the compiler's min-cut partitioner picks what to recompute
@@ -1043,18 +1049,27 @@ def main(argv=None):
         if args.warmup_steps:   # U-ViT's linear warm-up: lr * min(s / warmup, 1) for the update after s updates
             for g in opt.param_groups:
                 g["lr"] = args.lr * min(step / args.warmup_steps, 1.0)
-        with amp:
-            terms = objective.loss(train_model, x, y, t=t, noise=noise)
-            loss = terms["loss"].mean()
-            if masked:   # MDT Sec. 4.4: the same loss on the masked input (same x and t, fresh noise), weight 1:1
-                terms_m = objective.loss(train_model, x, y, t=t, noise=noise_m, model_kwargs=dict(mask_ratio=args.mask_ratio))
-                loss = loss + terms_m["loss"].mean()
-        loss.backward()
+        loss, step_terms = 0.0, 0.0
+        for j in range(args.grad_accum):   # micro-batches (one by default) whose gradients add up to the batch's
+            part = slice(j * micro_bs, (j + 1) * micro_bs)
+            last = j == args.grad_accum - 1
+            with nullcontext() if last or not ddp else ddp_model.no_sync():   # DDP averages over ranks once
+                with amp:
+                    terms = objective.loss(train_model, x[part], y[part], t=t[part], noise=noise[part])
+                    part_loss = terms["loss"].mean()
+                    if masked:   # MDT Sec. 4.4: the same loss on the masked input (same x, t; fresh noise), 1:1
+                        terms_m = objective.loss(train_model, x[part], y[part], t=t[part], noise=noise_m[part],
+                                                 model_kwargs=dict(mask_ratio=args.mask_ratio))
+                        part_loss = part_loss + terms_m["loss"].mean()
+                (part_loss / args.grad_accum).backward()
+            loss = loss + part_loss.detach() / args.grad_accum
+            step_terms = step_terms + torch.stack([terms["loss"].detach().mean().float(), terms_m["loss"].detach()
+                                                   .mean().float() if masked else log_sum.new_zeros(())]) / args.grad_accum
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         skip = False
         if args.skip_nonfinite:       # one sync per step. Every rank skips when any rank's loss is non-finite: the
-            bad = (~torch.isfinite(loss.detach())).int()        # gradients DDP averaged are non-finite on all of them
+            bad = (~torch.isfinite(loss)).int()                 # gradients DDP averaged are non-finite on all of them
             if ddp:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             skip = bool(bad)
@@ -1063,9 +1078,8 @@ def main(argv=None):
         else:
             opt.step()
             update_ema(ema, model, args.ema)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step + 1, first_bad)
-            log_sum += torch.stack([terms["loss"].detach().mean().float(),
-                                    terms_m["loss"].detach().mean().float() if masked else log_sum.new_zeros(())])
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
+            log_sum += step_terms
             log_n += 1
         step += 1
         bar.update(1)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU paths of train.py and sample.py that the CPU test suite cannot reach (train.py and sample.py pick cuda
-# by themselves), cheapest first: fp32 and bf16 training on the digits, a sample grid during training, resume,
+# by themselves), cheapest first: fp32 and bf16 training on the digits, a sample grid during training, resume
+# (with gradient accumulation),
 # sample.py in bf16 (PNG and .npz), the host-device syncs per training step (DiT), an exact resume of MDTv2 (with
 # its noise floor), memory-mapped latents with pinned asynchronous copies, MDTv2's syncs, and last the compiled
 # paths (--compile with a masking backbone and SiT; latents). Run it before gpu_plan.sh; each step prints its rc. Not yet run on a GPU (a few minutes there, guessed); on a CPU it runs too, slowly.
@@ -43,7 +44,7 @@ step dit_fp32 "$PY" train.py $Q --sample-every 40 --results-dir "$O/fp32"
 step dit_bf16 "$PY" train.py $Q --sample-every 40 --precision bf16 --results-dir "$O/bf16"
 run=$(ls -d "$O"/bf16/*/ 2>/dev/null | head -1)
 if [ -n "$run" ]; then
-    step resume "$PY" train.py --resume "$run" --steps 60 --no-progress
+    step resume "$PY" train.py --resume "$run" --steps 60 --grad-accum 2 --no-progress
     step sample_png "$PY" sample.py --ckpt "$run" --precision bf16 --sample-steps 20 --out "$O/grid.png"
     step sample_npz "$PY" sample.py --ckpt "$run" --precision bf16 --sample-steps 20 --num-samples 20 --out "$O/s.npz"
 fi
