@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU paths of train.py and sample.py that the CPU test suite cannot reach (train.py and sample.py pick cuda
-# by themselves), cheapest first: fp32 and bf16 training on the digits, a sample grid during training, resume
-# (with gradient accumulation),
-# sample.py in bf16 (PNG and .npz), the host-device syncs per training step (DiT), an exact resume of MDTv2 (with
-# its noise floor), memory-mapped latents with pinned asynchronous copies, MDTv2's syncs, and last the compiled
-# paths (--compile with a masking backbone and SiT; latents). Run it before gpu_plan.sh; each step prints its rc. Not yet run on a GPU (a few minutes there, guessed); on a CPU it runs too, slowly.
+# by themselves), cheapest first: fp32 and bf16 training on the digits, a sample grid during training, resume (with
+# gradient accumulation), sample.py in bf16 (PNG and .npz), the host-device syncs per training step (DiT), an exact
+# resume of MDTv2 (with its noise floor), memory-mapped latents with pinned asynchronous copies, MDTv2's syncs, and
+# last the compiled paths (--compile with a masking backbone and SiT; latents). Run it before gpu_plan.sh; each step
+# prints its rc. Not yet run on a GPU (a few minutes there, guessed); on a CPU it runs too, slowly.
 #
 #   bash docs/bench/gpu_smoke.sh                       # everything in smoke_out/
 #
