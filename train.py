@@ -213,6 +213,8 @@ def resolve_args(args, preset):
     if getattr(args, "sample_steps", None) is not None:   # what ddpm.py (T = 1000) and sit.py accept, checked before any grid
         if args.objective == "ddpm" and args.sample_steps > 1000:
             raise UserError(f"--sample-steps must be <= 1000 for ddpm's 1000 timesteps, got {args.sample_steps}")
+        if args.sampler == "dpm++" and args.sample_steps > 999:   # its grid ends at round(999 / steps) >= 1
+            raise UserError(f"--sample-steps must be <= 999 for dpm++, got {args.sample_steps}")
         if args.sampler in ("ddpm", "ddim", "ode-euler", "ode-heun", "sde-euler", "sde-heun") and args.sample_steps < 2:
             raise UserError(f"--sample-steps must be >= 2 for {args.sampler} (its time grid has that many points; "
                             f"a 1-step ddpm/ddim grid keeps only t = 0), got {args.sample_steps}")
