@@ -162,8 +162,8 @@ def get_parser():
                    "backward, in (0, 1]: near 0 recompute all it can, 1 keep what runs fastest (the default); torch's "
                    "activation_memory_budget: the compiler recomputes the cheapest ops first; same math")
     p.add_argument("--grad-accum", type=int, default=1, help="split each process's batch into this many micro-batches "
-                   "and add up their gradients: the same update (to float rounding) with 1/K of the activation memory "
-                   "(MDT draws a mask ratio per micro-batch; default: 1)")
+                   "and add up their gradients: the same update (to float rounding) with 1/K of the activation memory; "
+                   "label dropout and MDT's masks are drawn per micro-batch, so their draws differ (default: 1)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward (less memory; dit and unet_vit)")
     p.add_argument("--seed", type=int, default=0, help="global seed (default: 0)")
     p.add_argument("--log-every", type=int, default=None, help="log every N steps (default: 100)")
@@ -300,7 +300,7 @@ def objective_config(args):
     if args.objective == "ddpm":
         return dict(name="ddpm", beta_schedule=args.beta_schedule, learn_sigma=not args.no_learn_sigma,
                     timestep_offset=args.timestep_offset, min_snr=bool(args.min_snr))
-    weight = None if args.loss_weight in (None, "none", "None") else args.loss_weight
+    weight = None if args.loss_weight in (None, "none", "None") else args.loss_weight   # "None": older checkpoints' args
     time_scale = args.time_scale if args.time_scale is not None else 999.0 if args.model == "unet_vit" else 1.0
     if not time_scale > 0:
         raise UserError(f"--time-scale must be positive, got {time_scale}")
@@ -788,6 +788,9 @@ def apply_resume_args(args, given, resume):
         raise UserError(f"--resume {args.resume}: not a training checkpoint of this library "
                         "(official weights are sampled with sample.py --ckpt)")
     saved = resume["args"]
+    if saved.get("model") not in FAMILIES or saved.get("objective") not in OBJECTIVES:   # a hand-edited file
+        raise UserError(f"--resume {args.resume}: its args name model {saved.get('model')!r} and objective "
+                        f"{saved.get('objective')!r}; this library has {', '.join(FAMILIES)} and {', '.join(OBJECTIVES)}")
     for k, v in saved.items():
         if k not in given and k != "resume":
             setattr(args, k, v)
