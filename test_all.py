@@ -1144,6 +1144,17 @@ def test_input_size_not_divisible_by_patch(tmp_path):
                             "--size", "DiT-S/8", "--batch-size", "4"])
 
 
+def test_image_folders_are_flipped_digits_are_not():
+    """DiT flips ImageNet images at random (RandomHorizontalFlip); the batch's flip draw does that for image
+    folders. A mirrored digit is another shape: the digits are never flipped."""
+    x = torch.arange(2 * 3 * 2 * 4, dtype=torch.float32).view(2, 3, 2, 4)
+    flip, idx = torch.tensor([True, False]), torch.tensor([0, 1])
+    for kind, flipped in (("images", True), ("digits", False)):
+        out, y = train.get_batch(dict(kind=kind, x=x, y=torch.tensor([5, 6])), idx, flip, None, torch.device("cpu"))
+        assert torch.equal(out[0], x[0].flip(-1) if flipped else x[0]) and torch.equal(out[1], x[1])
+        assert y.tolist() == [5, 6]
+
+
 @pytest.mark.parametrize("model,size,objective", [("dit", "8", "ddpm"), ("diffit:DiffiT-UNet-Tiny", "32", "ddpm"),
                                                    ("diffit:DiffiT-UNet-Tiny", "32", "sit")])
 def test_train_on_image_folder(tmp_path, model, size, objective):

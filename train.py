@@ -543,21 +543,25 @@ def load_image_folder(root, size, channels=None):
     classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise UserError(f"--data {root}: no class subfolders found (expected ROOT/CLASS/image.png)")
+    files = [(ci, os.path.join(root, c, f)) for ci, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(root, c)))]
+    if len(files) > 20_000:
+        print(f"note: decoding {len(files):,} images of {root} into memory for pixel-space training at {size} px; "
+              "the papers train on SD-VAE latents: extract_latents.py, then --data on its folder")
     xs, ys, bad = [], [], 0
-    for ci, c in enumerate(classes):
-        for f in sorted(os.listdir(os.path.join(root, c))):
-            try:
-                with Image.open(os.path.join(root, c, f)) as im:
-                    im = to_8bit(im).convert("L" if channels == 1 else "RGB")
-                    s = min(im.size)
-                    left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
-                    im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-                    a = np.asarray(im, dtype=np.float32)
-            except Exception:
-                bad += 1
-                continue
-            xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-            ys.append(ci)
+    for ci, path in files:
+        try:
+            with Image.open(path) as im:
+                im = to_8bit(im).convert("L" if channels == 1 else "RGB")
+                s = min(im.size)
+                left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
+                im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+                a = np.asarray(im, dtype=np.float32)
+        except Exception:
+            bad += 1
+            continue
+        xs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        ys.append(ci)
     if not xs:
         raise UserError(f"--data {root}: no readable images ({bad} unreadable files)")
     if bad:
@@ -633,10 +637,15 @@ def load_data(args):
 
 
 def get_batch(data, idx, flip, eps, device):
-    """Rows idx of the data on the device. Latents: pick the stored moments of the image or of its horizontal
-    flip, then draw a fresh posterior sample z = scale * (mean + std * eps), as DiT does on the fly."""
-    if data["kind"] != "latents":
+    """Rows idx of the data on the device. Image folders: flipped horizontally where flip is set (DiT's
+    RandomHorizontalFlip; the digits are not flipped: a mirrored digit is another shape). Latents: pick the stored
+    moments of the image or of its horizontal flip, then draw a fresh posterior sample z = scale * (mean + std *
+    eps), as DiT does on the fly."""
+    if data["kind"] == "digits":
         return to_device(data["x"][idx], device), to_device(data["y"][idx], device)
+    if data["kind"] == "images":
+        x = to_device(data["x"][idx], device)
+        return torch.where(flip[:, None, None, None], x.flip(-1), x), to_device(data["y"][idx], device)
     r = data["rows"][idx.numpy()]
     order = np.argsort(r)                                        # sorted reads are faster on a memmap
     rows = np.empty((len(idx),) + data["x"].shape[1:], dtype=data["x"].dtype)
