@@ -108,9 +108,10 @@ def size_name(family_prefix, D, depth, p, names, given=None):
     return f"{family_prefix}-{names[(D, depth)]}/{p}"
 
 
-def recognise_official(sd, args, path):
+def recognise_official(sd, args, path, run_args=None):
     """(model_cfg, objective_cfg, paper sampling settings) for the released files of DiT, SiT, U-ViT, MDT (v1
-    and v2) and DiffiT, read off the key names and shapes; UserError for anything else."""
+    and v2) and DiffiT, read off the key names and shapes; UserError for anything else. run_args: the argparse
+    Namespace an official train.py saved beside the weights (SiT's names its interpolant: path_type, ...)."""
     sd = train.clean_state_dict(sd)
     base = os.path.basename(path).lower()
     extra = {}
@@ -149,11 +150,18 @@ def recognise_official(sd, args, path):
         size = size_name("DiT", D, n_blocks(sd, "blocks."), p,
                          {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"}, args.size)
         in_ch, grid, out_ch, n_cls = dit_style_io(sd, p)
-        key = "SiT" if (args.objective == "sit" or (args.objective is None and "sit" in base)) else "DiT"
+        sit_run = getattr(run_args, "path_type", None) is not None      # a checkpoint of SiT's train.py
+        if sit_run and args.objective == "ddpm":
+            raise UserError(f"{path} is a checkpoint of SiT's train.py ({run_args.path_type} path): it samples with "
+                            "--objective sit")
+        key = "SiT" if (args.objective == "sit" or sit_run or (args.objective is None and "sit" in base)) else "DiT"
     else:
         raise UserError(f"{path}: not a checkpoint of this library and not an official DiT/SiT/U-ViT/MDTv2/DiffiT "
                         "state dict")
     obj, settings = OFFICIAL[key]
+    if key == "SiT" and getattr(run_args, "path_type", None) is not None:   # the interpolant it was trained with
+        obj = dict(obj, **{k: getattr(run_args, k, obj[k]) for k in ("path_type", "prediction", "loss_weight",
+                                                                     "train_eps", "sample_eps")})
     if family == "unet_vit" and in_ch == 4 and grid * p == 64:     # ImageNet-512 configs: scale 0.7 (theirs) = 1.7
         settings = dict(settings, cfg_scale=(1.7, 4.0))
     if args.objective and args.objective != obj["name"] and family != "dit":
@@ -211,7 +219,7 @@ def read_checkpoint(args):
             raise UserError(f"--no-ema: {args.ckpt} holds one set of weights, not raw and EMA ones")
         weights = ckpt["model"] if args.no_ema else ckpt.get("ema", ckpt.get("model", ckpt))
         try:
-            model_cfg, obj_cfg, settings = recognise_official(weights, args, args.ckpt)
+            model_cfg, obj_cfg, settings = recognise_official(weights, args, args.ckpt, ckpt.get("args"))
         except (KeyError, AttributeError, IndexError, TypeError, ValueError) as e:   # the right keys, wrong contents
             raise UserError(f"{args.ckpt}: not a state dict this library recognises ({type(e).__name__}: {e})")
         model_cfg["paper_settings"] = settings

@@ -1228,6 +1228,22 @@ def test_official_dit_state_dict_is_recognised(tmp_path):
                                        "--sample-steps", "3", "--num-samples", "4"]))
 
 
+def test_a_sit_training_checkpoint_samples_with_its_own_interpolant(tmp_path):
+    """SiT's train.py saves model, ema, opt and its argparse Namespace, which names the interpolant; the weights
+    alone look like DiT's. It was read as DiT + DDPM (or, with --objective sit, as Linear velocity)."""
+    import argparse
+    import sample
+    m = dit.DiT_models["DiT-S/8"](input_size=16, in_channels=3, num_classes=5)
+    sd = m.state_dict()
+    torch.save(dict(model=sd, ema=sd, opt={}, args=argparse.Namespace(model="SiT-S/8", path_type="GVP", prediction="noise",
+               loss_weight=None, train_eps=None, sample_eps=None)), tmp_path / "0400000.pt")
+    _, cfg, obj, _ = sample.read_checkpoint(sample.get_parser().parse_args(["--ckpt", str(tmp_path / "0400000.pt")]))
+    assert obj["name"] == "sit" and (obj["path_type"], obj["prediction"]) == ("GVP", "noise") and cfg["family"] == "dit"
+    with pytest.raises(train.UserError, match="checkpoint of SiT's train.py"):
+        sample.read_checkpoint(sample.get_parser().parse_args(["--ckpt", str(tmp_path / "0400000.pt"), "--objective",
+                                                               "ddpm"]))
+
+
 def torchrun(script, *args, timeout=300):
     # --standalone: torchrun picks a free port itself (no window between probing a port and binding it)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
