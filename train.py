@@ -1009,10 +1009,10 @@ def main(argv=None):
     # equal on every rank. Broadcasting them copies in place before every forward, which bumped the version of the
     # index MDT's full pass saved for backward when its masked pass ran (torch 2.11: "modified by an inplace operation")
     # (the flag is named forward_sync_buffers from torch 2.13 on)
-    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-               else "broadcast_buffers": False}
+    buffer_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else "broadcast_buffers": False}
     train_model = ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                  find_unused_parameters=unused, **no_sync) if ddp else model
+                                  find_unused_parameters=unused, **buffer_sync) if ddp else model
     if args.compile:
         require_compiler(device, "run with --no-compile")
         if args.memory_budget is not None:   # the compiler's min-cut partitioner picks what to recompute
@@ -1077,8 +1077,9 @@ def main(argv=None):
                         part_loss = part_loss + terms_m["loss"].mean()
                 (part_loss / args.grad_accum).backward()
             loss = loss + part_loss.detach() / args.grad_accum
-            step_terms = step_terms + torch.stack([terms["loss"].detach().mean().float(), terms_m["loss"].detach()
-                                                   .mean().float() if masked else log_sum.new_zeros(())]) / args.grad_accum
+            logged = [terms["loss"].detach().mean().float(),
+                      terms_m["loss"].detach().mean().float() if masked else log_sum.new_zeros(())]
+            step_terms = step_terms + torch.stack(logged) / args.grad_accum
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         skip = False
