@@ -361,13 +361,12 @@ class GaussianDiffusion:
         DPMSolverMultistepScheduler with its defaults (timestep_spacing 'linspace', final_sigmas_type 'zero'):
         `steps` model evaluations at round(linspace(0, T-1, steps+1))[::-1][:-1], i.e. from T-1 down to
         round((T-1) / steps); first-order first and last steps, the last one to sigma = 0, so the result is the
-        final x0 estimate. (Until 2026-12-01 the
-        grid ended with an evaluation at t = 0, reached by a 2M step across lambda 1.9 -> 4.6 whose
-        extrapolation weight was 2: on an exact Gaussian model, 2 to 100 times the error of this grid at 10 to 50 steps
-        with the linear schedule, 1.2 to 1.6 times with the scaled-linear one.)"""
-        if not isinstance(steps, (int, np.integer)) or not 1 <= steps < self.num_timesteps:
-            raise ValueError(f"dpm++ steps must be an integer in [1, {self.num_timesteps - 1}], got {steps!r}")
+        final x0 estimate. (A grid ending with an evaluation at t = 0, reached by a 2M step across lambda 1.9 ->
+        4.6 with extrapolation weight 2, had 2 to 100 times this grid's error on an exact Gaussian model at 10 to
+        50 steps of the linear schedule, 1.2 to 1.6 times with the scaled-linear one.)"""
         T = self.num_timesteps
+        if not isinstance(steps, (int, np.integer)) or not 1 <= steps < T:
+            raise ValueError(f"dpm++ steps must be an integer in [1, {T - 1}], got {steps!r}")
         ts = np.round(np.linspace(0, T - 1, steps + 1)).astype(np.int64)[::-1][:-1]   # diffusers' 'linspace'
         abar = self.base["abar"]
         alpha = lambda s: math.sqrt(abar[s])          # alpha_t, sigma_t of x_t = alpha_t x0 + sigma_t eps

@@ -115,6 +115,7 @@ def recognise_official(sd, args, path, run_args=None):
     sd = train.clean_state_dict(sd)
     base = os.path.basename(path).lower()
     extra = {}
+    sit_run = getattr(run_args, "path_type", None) is not None      # a checkpoint of SiT's train.py
     if "en_inblocks.0.attn.qkv.weight" in sd:                                  # MDTv2
         family, key = "mdt", "MDT"
         D, p = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
@@ -150,7 +151,6 @@ def recognise_official(sd, args, path, run_args=None):
         size = size_name("DiT", D, n_blocks(sd, "blocks."), p,
                          {(1152, 28): "XL", (1024, 24): "L", (768, 12): "B", (384, 12): "S"}, args.size)
         in_ch, grid, out_ch, n_cls = dit_style_io(sd, p)
-        sit_run = getattr(run_args, "path_type", None) is not None      # a checkpoint of SiT's train.py
         if sit_run and args.objective == "ddpm":
             raise UserError(f"{path} is a checkpoint of SiT's train.py ({run_args.path_type} path): it samples with "
                             "--objective sit")
@@ -159,7 +159,7 @@ def recognise_official(sd, args, path, run_args=None):
         raise UserError(f"{path}: not a checkpoint of this library and not an official DiT/SiT/U-ViT/MDTv2/DiffiT "
                         "state dict")
     obj, settings = OFFICIAL[key]
-    if key == "SiT" and getattr(run_args, "path_type", None) is not None:   # the interpolant it was trained with
+    if key == "SiT" and sit_run:                                    # the interpolant it was trained with
         obj = dict(obj, **{k: getattr(run_args, k, obj[k]) for k in ("path_type", "prediction", "loss_weight",
                                                                      "train_eps", "sample_eps")})
     if family == "unet_vit" and in_ch == 4 and grid * p == 64:     # ImageNet-512 configs: scale 0.7 (theirs) = 1.7
